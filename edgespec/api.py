@@ -1,0 +1,242 @@
+"""The embedded Python API: ``edgespec.load(path)`` → :class:`Engine`.
+
+An Engine owns one backend (and so one KV cache), a drafter per draft method (their
+memories persist across generations, as Token Recycling intends) and the speculation
+policy with the device's measured cost curve. Generations are serialised by a lock, so an
+Engine can be shared between threads; :meth:`Engine.cancel` stops the running one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgespec.autotune import CostCurve, SpeculationPolicy
+from edgespec.chat import ChatTemplate, Message
+from edgespec.drafting import Drafter, make_drafter
+from edgespec.engine import DecodeLoop, GenerationStats
+from edgespec.errors import UserError
+from edgespec.models import resolve_model
+from edgespec.profiler import probe_verify_cost
+from edgespec.textstream import TextStream
+from edgespec.verify import SamplingParams
+from runtimes import open_backend
+from runtimes.base import Backend
+
+DEFAULT_TREE_SIZE = 16
+
+
+@dataclass
+class GenerationResult:
+    """The text, its token ids and what producing them cost."""
+
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+    @property
+    def finish_reason(self) -> str:
+        return self.stats.finish_reason
+
+
+class Engine:
+    """A loaded model ready to generate, speculatively or not."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        draft: str = "fused",
+        tree_size: int | None = None,
+        adaptive: bool = True,
+    ) -> None:
+        tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
+        if tree_size < 1:
+            raise UserError(f"--tree-size must be at least 1 (got {tree_size})")
+        self.backend = backend
+        self.draft = draft
+        self.tree_size = min(tree_size, getattr(backend, "max_tree_nodes", tree_size))
+        self.adaptive = adaptive
+        self._drafters: dict[str, Drafter | None] = {}
+        self._drafter(draft)  # validate the name now, not at the first generation
+        self._policy: SpeculationPolicy | None = None
+        self._loop: DecodeLoop | None = None
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+
+    # -- public --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        draft: str | None = None,
+        stop: Sequence[str] = (),
+        stream: bool = False,
+    ) -> GenerationResult | TextIterator:
+        """Complete ``prompt`` as given (no chat template). ``stream=True`` yields text pieces."""
+        ids = self._prompt_ids(prompt)
+        run = TextIterator(
+            self._run(ids, max_tokens, SamplingParams(temperature, top_k, top_p), seed, draft,
+                      stop)
+        )
+        if stream:
+            return run
+        for _ in run:
+            pass
+        assert run.result is not None
+        return run.result
+
+    def stream(self, prompt: str | Sequence[int], **kwargs) -> TextIterator:
+        """Text pieces of :meth:`generate` as they are produced."""
+        return self.generate(prompt, stream=True, **kwargs)
+
+    def chat(self, messages: Sequence[Message], **kwargs) -> GenerationResult | TextIterator:
+        """Reply to ``messages`` using the model's chat template; same options as generate."""
+        return self.generate(self.render_chat(messages), **kwargs)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        info = self.backend.tokenizer
+        if not info.chat_template:
+            raise UserError("this model has no chat template; use --raw (plain completion)")
+        names = info.special_texts
+        template = ChatTemplate(
+            info.chat_template,
+            bos_token=names.get(info.bos_id, "") if info.bos_id is not None else "",
+            eos_token=next((names[t] for t in sorted(info.eos_ids) if t in names), ""),
+        )
+        return template.render(messages)
+
+    def cancel(self) -> None:
+        """Stop the generation in progress (from any thread); it ends with ``Cancelled``."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        info = self.backend.tokenizer
+        ids = self.backend.tokenize(prompt, special=True)
+        if info.add_bos and info.bos_id is not None and ids[:1] != [info.bos_id]:
+            ids.insert(0, info.bos_id)
+        if not ids:
+            raise UserError("the prompt is empty")
+        return ids
+
+    def _drafter(self, name: str) -> Drafter | None:
+        if name not in self._drafters:
+            self._drafters[name] = make_drafter(name, self.backend.vocab_size)
+        return self._drafters[name]
+
+    def _decode_loop(self, speculative: bool) -> DecodeLoop:
+        """The loop, with a cost curve measured on first speculative use (~0.5 s)."""
+        if self._loop is None:
+            self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1))
+        if speculative and self._policy is None:
+            self._loop.cached.clear()
+            curve = CostCurve(probe_verify_cost(self.backend))
+            self._policy = SpeculationPolicy(curve, self.tree_size, adaptive=self.adaptive)
+            self._loop.policy = self._policy
+        return self._loop
+
+    def _run(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        seed: int | None,
+        draft: str | None,
+        stop: Sequence[str],
+    ) -> Iterator[str | GenerationResult]:
+        """Yield text pieces, then the final :class:`GenerationResult` as the last item."""
+        if max_tokens < 0:
+            raise UserError(f"max tokens must be 0 or more (got {max_tokens})")
+        name = draft or self.draft
+        drafter = self._drafter(name)
+        with self._lock:
+            self._cancel.clear()
+            loop = self._decode_loop(drafter is not None and self.tree_size > 1)
+            stats = GenerationStats(backend=self.backend.name, draft=name)
+            text = TextStream(self.backend.detokenize, stop)
+            tokens: list[int] = []
+            rng = np.random.default_rng(seed)
+            steps = loop.generate(ids, drafter=drafter, params=params, max_tokens=max_tokens,
+                                  rng=rng, stats=stats, cancel=self._cancel)
+            try:
+                for token in steps:
+                    tokens.append(token)
+                    piece = text.push(token)
+                    if piece:
+                        yield piece
+                    if text.stopped:
+                        stats.finish_reason = "stop"
+                        break
+            finally:
+                steps.close()
+            tail = text.finish()
+            if tail:
+                yield tail
+            yield GenerationResult(text.text, tokens, stats)
+
+
+class TextIterator:
+    """Text pieces of a generation; ``result`` holds the full result once it is exhausted."""
+
+    def __init__(self, run: Iterator[str | GenerationResult]) -> None:
+        self._run = run
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._run:
+            if isinstance(item, GenerationResult):
+                self.result = item
+            else:
+                yield item
+
+    def close(self) -> None:
+        """Stop early and release the engine."""
+        self._run.close()
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    backend: str = "auto",
+    draft: str = "fused",
+    threads: int | None = None,
+    ctx: int = 4096,
+    tree_size: int | None = None,
+    adaptive: bool = True,
+) -> Engine:
+    """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) into an :class:`Engine`.
+
+    ``adaptive=False`` verifies every drafted tree in full instead of only what the measured
+    cost curve says pays off: slower, but it exercises speculation on every step.
+    """
+    if ctx < 16:
+        raise UserError(f"the context size must be at least 16 tokens (got {ctx})")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be at least 1 (got {threads})")
+    path = resolve_model(model)
+    options = {"n_ctx": ctx, "threads": threads}
+    return Engine(open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
+                  adaptive=adaptive)

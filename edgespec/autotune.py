@@ -1,0 +1,93 @@
+"""How much of a drafted tree to verify, from what verifying costs on *this* device.
+
+Verifying n tokens in one call costs c(n) seconds; a tree whose nodes have acceptance
+estimates s_i yields, in expectation, 1 + Σ s_i tokens (the root is certain). Among the
+top-n nodes by score (an ancestor-closed set, since a path's score never exceeds its
+parent's) the policy picks the n with the highest expected tokens per second, and n = 0
+— plain decoding — unless speculating beats it by a margin. On a CPU where two tokens cost
+1.8× one, that turns speculation off for weak drafts instead of paying for them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+
+from edgespec.tree import TokenTree
+
+
+class CostCurve:
+    """Seconds per verify call of n tokens: a measured probe, refined by every real step."""
+
+    def __init__(self, probe: Mapping[int, float], smoothing: float = 0.1) -> None:
+        if 1 not in probe:
+            raise ValueError("a cost curve needs the cost of one token")
+        self._sizes = sorted(probe)
+        self._cost = {n: float(probe[n]) for n in self._sizes}
+        self._smoothing = smoothing
+
+    def __call__(self, n: int) -> float:
+        """Cost of verifying ``n`` tokens, interpolated between measured sizes."""
+        sizes = self._sizes
+        if n in self._cost:
+            return self._cost[n]
+        i = bisect.bisect_left(sizes, n)
+        if i == len(sizes):
+            lo, hi = sizes[-2:] if len(sizes) > 1 else (sizes[-1], sizes[-1])
+        else:
+            lo, hi = sizes[max(i - 1, 0)], sizes[i]
+        if lo == hi:
+            return self._cost[lo] * n / lo
+        slope = (self._cost[hi] - self._cost[lo]) / (hi - lo)
+        return self._cost[lo] + slope * (n - lo)
+
+    def update(self, n: int, seconds: float) -> None:
+        """Blend a measured step into the curve (sizes never seen are added as measured)."""
+        if n not in self._cost:
+            self._cost[n] = self(n)
+            bisect.insort(self._sizes, n)
+        self._cost[n] += self._smoothing * (seconds - self._cost[n])
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(self._cost)
+
+
+class SpeculationPolicy:
+    """Chooses the sub-tree with the best expected tokens per second, or none at all."""
+
+    def __init__(
+        self, cost: CostCurve, max_nodes: int, margin: float = 0.05, adaptive: bool = True
+    ) -> None:
+        self.cost = cost
+        self.max_nodes = max_nodes
+        self.margin = margin
+        self.adaptive = adaptive  # False: always verify the best max_nodes (tests, studies)
+        self.overhead_s = 0.0
+
+    def step_cost(self, n: int) -> float:
+        """Seconds of a whole loop step that verifies ``n`` tokens (drafting included)."""
+        return self.cost(n) + self.overhead_s
+
+    def observe(self, n: int, verify_s: float, step_s: float) -> None:
+        """Learn from a finished step: its verify time and the loop's own overhead."""
+        self.cost.update(n, verify_s)
+        self.overhead_s += 0.1 * (step_s - verify_s - self.overhead_s)
+
+    def select(self, tree: TokenTree) -> TokenTree:
+        """The ancestor-closed top-n nodes of ``tree`` maximising expected tokens per second."""
+        if len(tree) == 1:
+            return tree
+        scores = list(tree.scores)
+        for i in range(1, len(tree)):
+            scores[i] = min(scores[i], scores[tree.parents[i]])
+        order = sorted(range(1, len(tree)), key=lambda i: (-scores[i], i))
+        if not self.adaptive:
+            return tree.prune(order[: self.max_nodes - 1])
+        best_n, best_rate = 0, (1.0 + self.margin) / self.step_cost(1)
+        expected = 1.0
+        for n, node in enumerate(order[: self.max_nodes - 1], start=1):
+            expected += scores[node]
+            rate = expected / self.step_cost(n + 1)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return tree.prune(order[:best_n])

@@ -1,0 +1,203 @@
+"""The ``edgespec`` command: run, chat and bench, with llama.cpp's flag names where they exist.
+
+Generated text goes to stdout as it is produced; logs and statistics go to stderr. A user
+error is one line on stderr and exit code 2; Ctrl-C stops cleanly with exit code 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgespec.api import Engine, GenerationResult, load
+from edgespec.drafting import DRAFTERS
+from edgespec.errors import Cancelled, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="On-device LLM generation, faster through lossless speculative decoding.")
+
+MODEL_SUFFIXES = (".gguf", ".onnx", ".xml")
+
+ModelOpt = Annotated[Path | None, typer.Option("-m", "--model", help="Model file (.gguf).")]
+DraftOpt = Annotated[str, typer.Option("--draft", help=f"Drafter: {'|'.join(DRAFTERS)}.")]
+ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.")]
+CtxOpt = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")]
+TreeOpt = Annotated[int | None, typer.Option("--tree-size", help="Most tree nodes per step.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto|llamacpp|reference.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _split_positionals(
+    first: str | None, second: str | None, model: Path | None
+) -> tuple[Path | None, str | None]:
+    """``run [MODEL] [PROMPT]``: a lone positional is the model only if it looks like one."""
+    if first is None:
+        return model, None
+    if second is not None:
+        if model is not None:
+            raise UserError("give the model either positionally or with -m, not both")
+        return Path(first), second
+    looks_like_model = first.lower().endswith(MODEL_SUFFIXES) or Path(first).is_file()
+    if model is None and looks_like_model:
+        return Path(first), None
+    return model, first
+
+
+def _read_prompt(prompt: str | None, file: Path | None) -> str:
+    if prompt is not None and file is not None:
+        raise UserError("give the prompt either with -p or with -f, not both")
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {file}: {e}") from None
+    if prompt is not None:
+        return prompt
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise UserError('no prompt: pass -p "…", -f FILE, or pipe text on stdin')
+
+
+def _summary(result: GenerationResult) -> str:
+    s = result.stats
+    return (
+        f"edgespec: {s.new_tokens} tokens in {s.decode_s:.2f} s = {s.tokens_per_s:.1f} tok/s "
+        f"(prefill {s.prompt_tokens} tok in {s.prefill_s:.2f} s), "
+        f"{s.accepted_per_step:.2f} tok/step, {s.draft_nodes_per_step:.1f} draft nodes/step, "
+        f"draft={s.draft}, backend={s.backend}, "
+        f"peak RSS {s.as_dict()['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
+
+
+def _stream(
+    engine: Engine, prompt: str, quiet: bool, json_out: bool, **options
+) -> GenerationResult:
+    """Generate, echoing text to stdout unless JSON output was asked for."""
+    pieces = engine.generate(prompt, stream=True, **options)
+    try:
+        for piece in pieces:
+            if not json_out:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        engine.cancel()
+        pieces.close()
+        sys.stdout.write("\n")
+        raise
+    assert pieces.result is not None
+    if not json_out:
+        sys.stdout.write("\n")
+    if not quiet:
+        typer.echo(_summary(pieces.result), err=True)
+    return pieces.result
+
+
+@app.command()
+def run(
+    first: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Model file.")] = None,
+    second: Annotated[str | None, typer.Argument(metavar="[PROMPT]", help="Prompt.")] = None,
+    model: ModelOpt = None,
+    prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Prompt text.")] = None,
+    file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="New tokens.")] = 256,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top-k (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string.")] = None,
+    draft: DraftOpt = "fused",
+    tree_size: TreeOpt = None,
+    threads: ThreadsOpt = None,
+    ctx_size: CtxOpt = 4096,
+    backend: BackendOpt = "auto",
+    chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Chat template.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics line.")] = False,
+) -> None:
+    """Generate a completion (a chat reply for chat models, unless --raw)."""
+    try:
+        model_path, positional_prompt = _split_positionals(first, second, model)
+        if positional_prompt is not None and prompt is not None:
+            raise UserError("give the prompt either positionally or with -p, not both")
+        text = _read_prompt(positional_prompt if prompt is None else prompt, file)
+        _check_numbers(max_tokens=max_tokens, tree_size=tree_size, threads=threads, temp=temp)
+        with load(model_path, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
+                  tree_size=tree_size) as engine:
+            use_chat = chat if chat is not None else bool(engine.backend.tokenizer.chat_template)
+            if use_chat:
+                text = engine.render_chat([{"role": "user", "content": text}])
+            result = _stream(engine, text, quiet, json_out, max_tokens=max_tokens,
+                             temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+                             stop=stop or ())
+        if json_out:
+            payload = {"text": result.text, "token_ids": result.token_ids,
+                       "stats": result.stats.as_dict()}
+            sys.stdout.write(json.dumps(payload) + "\n")
+    except UserError as e:
+        raise _fail(str(e)) from None
+    except (KeyboardInterrupt, Cancelled):
+        raise _fail("interrupted", 130) from None
+
+
+def _check_numbers(**values: float | None) -> None:
+    """Reject negative counts and sizes before anything is loaded."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        smallest = 1 if name in ("tree_size", "threads") else 0
+        if value < smallest:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be at least {smallest} (got {value})")
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    prompts: Annotated[Path, typer.Option("--prompts", help="Spec-Bench style JSONL.")] = Path(
+        "../shared/prompts/dev.jsonl"),
+    draft: Annotated[
+        list[str] | None, typer.Option("--draft", help="Drafters to compare (default fused).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens")] = 128,
+    categories: Annotated[str | None, typer.Option("--categories", help="a,b,…")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Prompts per category.")] = None,
+    repeat: Annotated[int, typer.Option("--repeat", help="Interleaved repetitions.")] = 1,
+    threads: ThreadsOpt = None,
+    ctx_size: CtxOpt = 4096,
+    tree_size: TreeOpt = None,
+    backend: BackendOpt = "auto",
+    out: Annotated[Path, typer.Option("--out", help="Directory for results.")] = Path("bench-out"),
+) -> None:
+    """Plain vs speculative decoding, interleaved in one run, per prompt category."""
+    from edgespec.bench import BenchOptions, run_bench
+
+    try:
+        _check_numbers(max_tokens=max_tokens, tree_size=tree_size, threads=threads,
+                       repeat=repeat)
+        options = BenchOptions(
+            model=model, prompts=prompts, drafts=draft or ["fused"], max_tokens=max_tokens,
+            categories=categories.split(",") if categories else None, limit=limit,
+            repeat=repeat, threads=threads, ctx=ctx_size, tree_size=tree_size,
+            backend=backend, out=out,
+        )
+        run_bench(options)
+    except UserError as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

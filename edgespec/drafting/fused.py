@@ -1,0 +1,33 @@
+"""Tree fusion (as in RASD): one tree holding both the lookup copy and the recycled guesses.
+
+Where both drafters propose the same continuation the branches merge, so the fused tree
+costs no more to verify than the larger of the two and accepts whichever is right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgespec.drafting.base import Drafter
+from edgespec.tree import TokenTree, TreeBuilder
+
+
+class FusedDrafter:
+    """Merges the trees of several drafters; each keeps learning from its own nodes."""
+
+    name = "fused"
+
+    def __init__(self, drafters: Sequence[Drafter]) -> None:
+        self.drafters = list(drafters)
+
+    def draft(self, context: Sequence[int], budget: int) -> TokenTree:
+        builder = TreeBuilder(context[-1])
+        for drafter in self.drafters:
+            builder.graft(drafter.draft(context, budget))
+        return builder.build()
+
+    def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
+        for drafter in self.drafters:
+            drafter.observe(tree, logits, accepted)

@@ -1,0 +1,82 @@
+"""Prompt lookup: propose what followed the last time the current n-gram appeared.
+
+Strong wherever the answer copies its input — summaries, RAG answers, code edits. The
+n-gram index is the drafter's memory; it grows with the context instead of rescanning it,
+and it is rebuilt only when the context is rewound or replaced (a new prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgespec.drafting.base import AcceptanceStats
+from edgespec.tree import TokenTree, TreeBuilder
+
+# Prior acceptance of the first drafted token by match length; deeper tokens of a copy
+# that is already being accepted are likelier still. Live statistics take over quickly.
+_FIRST_PRIOR = {1: 0.15, 2: 0.3, 3: 0.45, 4: 0.55}
+_DEEP_PRIOR = 0.6
+
+
+class PromptLookupDrafter:
+    """N-gram lookup over prompt + output, longest match first, most recent occurrences."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 4, max_branches: int = 2) -> None:
+        self.max_ngram = max_ngram
+        self.max_branches = max_branches
+        self.stats = AcceptanceStats(prior=0.3)
+        self._seen: list[int] = []
+        self._index: dict[tuple[int, ...], list[int]] = {}
+
+    def draft(self, context: Sequence[int], budget: int) -> TokenTree:
+        self._sync(context)
+        builder = TreeBuilder(context[-1])
+        end = len(context)
+        for n in range(min(self.max_ngram, end - 1), 0, -1):
+            starts = self._continuations(tuple(context[end - n:]), end)
+            if starts:
+                self._add_branches(builder, context, starts, n, budget)
+                break
+        return builder.build()
+
+    def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
+        self.stats.record(tree, accepted, self.name)
+
+    def _continuations(self, key: tuple[int, ...], end: int) -> list[int]:
+        """Start positions of what followed earlier occurrences of ``key``, newest first."""
+        found, seen_next = [], set()
+        for start in reversed(self._index.get(key, ())):
+            if start < end and self._seen[start] not in seen_next:
+                seen_next.add(self._seen[start])
+                found.append(start)
+                if len(found) == self.max_branches:
+                    break
+        return found
+
+    def _add_branches(
+        self, builder: TreeBuilder, context: Sequence[int], starts: list[int], n: int, budget: int
+    ) -> None:
+        end = len(context)
+        for rank, start in enumerate(starts):
+            parent, score = 0, 1.0
+            for depth, token in enumerate(context[start:end], start=1):
+                if len(builder.tokens) >= budget:
+                    return
+                key = f"{self.name}/m{n}/b{min(rank, 1)}/d{min(depth, 4)}"
+                prior = _FIRST_PRIOR[min(n, 4)] if depth == 1 else _DEEP_PRIOR
+                score *= self.stats.rate(key, prior)
+                parent = builder.add(parent, token, score, key)
+
+    def _sync(self, context: Sequence[int]) -> None:
+        """Index the n-grams of tokens added since the last call (rebuild after a rewind)."""
+        known = len(self._seen)
+        if len(context) < known or list(context[:known]) != self._seen:
+            self._seen, self._index, known = [], {}, 0
+        self._seen.extend(context[known:])
+        for end in range(max(known, 1), len(self._seen) + 1):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self._index.setdefault(tuple(self._seen[end - n:end]), []).append(end)

@@ -1,0 +1,180 @@
+"""The decode loop: prefill, then draft → select → verify → accept → commit → observe.
+
+Nothing here knows which engine or which drafter is in use. One loop step costs one
+backend call, emits every accepted token plus the target's own next token, and teaches
+the drafter and the cost model what happened.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edgespec.autotune import SpeculationPolicy
+from edgespec.drafting import Drafter
+from edgespec.errors import Cancelled, UserError
+from edgespec.tree import TokenTree
+from edgespec.verify import SamplingParams, accept, pick
+from runtimes.base import Backend
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did and cost; the CLI's ``--json`` ``stats`` object."""
+
+    backend: str
+    draft: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+    accepted_drafts: int = 0
+    draft_nodes: int = 0
+    speculative_steps: int = 0
+    finish_reason: str = "length"
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time spent producing them."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Tokens emitted per verify call (1.0 for plain decoding)."""
+        return (self.steps + self.accepted_drafts) / self.steps if self.steps else 0.0
+
+    @property
+    def draft_nodes_per_step(self) -> float:
+        return self.draft_nodes / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            tokens_per_s=self.tokens_per_s,
+            accepted_per_step=self.accepted_per_step,
+            draft_nodes_per_step=self.draft_nodes_per_step,
+            peak_rss_bytes=peak_rss_bytes(),
+        )
+        return d
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class DecodeLoop:
+    """Runs generations on one backend; remembers which tokens its KV cache holds."""
+
+    def __init__(self, backend: Backend, policy: SpeculationPolicy) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.cached: list[int] = []
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        *,
+        drafter: Drafter | None,
+        params: SamplingParams,
+        max_tokens: int,
+        rng: np.random.Generator,
+        stats: GenerationStats,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[int]:
+        """Yield new tokens as accepted; stop at EOS, ``max_tokens`` or a full context."""
+        if max_tokens <= 0:
+            stats.finish_reason = "length"
+            return
+        start = time.perf_counter()
+        token = pick(self._prefill(prompt), params, rng)
+        stats.prompt_tokens = len(prompt)
+        stats.prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        context = [*prompt, token]
+        try:
+            for token in self._tokens(context, drafter, params, rng, stats, cancel):
+                stats.new_tokens += 1
+                stats.decode_s = time.perf_counter() - start
+                yield token
+                if token in self.backend.tokenizer.eos_ids:
+                    stats.finish_reason = "stop"
+                    return
+                if stats.new_tokens >= max_tokens:
+                    stats.finish_reason = "length"
+                    return
+        finally:
+            stats.decode_s = time.perf_counter() - start
+
+    def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Reuse the cached prefix of ``prompt`` (multi-turn) and evaluate the rest."""
+        if len(prompt) >= self.backend.n_ctx:
+            raise UserError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.backend.n_ctx}; "
+                "shorten the prompt or raise -c/--ctx-size"
+            )
+        keep = _common_prefix(self.cached, prompt)
+        keep = min(keep, len(prompt) - 1)  # the last prompt token must be evaluated for logits
+        self.backend.truncate(keep)
+        del self.cached[keep:]
+        logits = self.backend.prefill(prompt[keep:])
+        self.cached.extend(prompt[keep:])
+        return logits
+
+    def _tokens(
+        self,
+        context: list[int],
+        drafter: Drafter | None,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        stats: GenerationStats,
+        cancel: threading.Event | None,
+    ) -> Iterator[int]:
+        """The emitted tokens: the pending root first, then whatever each step accepts."""
+        yield context[-1]
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
+            room = self.backend.n_ctx - self.backend.n_past
+            if room < 1:
+                stats.finish_reason = "context"
+                return
+            step_start = time.perf_counter()
+            tree = self._draft(context, drafter, room)
+            verify_start = time.perf_counter()
+            logits = self.backend.verify(tree)
+            verify_s = time.perf_counter() - verify_start
+            accepted = accept(tree, logits, params, rng)
+            self.backend.commit(accepted.path)
+            if drafter is not None:
+                drafter.observe(tree, logits, accepted.path)
+            self.policy.observe(len(tree), verify_s, time.perf_counter() - step_start)
+            new = [tree.tokens[i] for i in accepted.path[1:]]
+            self.cached.extend([context[-1], *new])
+            new.append(accepted.next_token)
+            context.extend(new)
+            stats.steps += 1
+            stats.draft_nodes += len(tree) - 1
+            stats.speculative_steps += len(tree) > 1
+            stats.accepted_drafts += accepted.n_accepted_drafts
+            yield from new
+
+    def _draft(self, context: list[int], drafter: Drafter | None, room: int) -> TokenTree:
+        budget = min(self.policy.max_nodes, room)
+        if drafter is None or budget < 2:
+            return TokenTree.root(context[-1])
+        return self.policy.select(drafter.draft(context, budget))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,0 +1,121 @@
+"""Which drafted path the target accepts, without changing what the target would say.
+
+Greedy: follow the tree from the root while a child carries the target's argmax.
+Sampling: draw the target's token at each node; if a drafted child carries it, descend.
+For a deterministic drafter (its proposal is one-hot, q(x) = 1) this *is* the
+multi-candidate rejection rule of SpecInfer, so every emitted token is an exact draw
+from the target's (temperature / top-k / top-p processed) distribution. For a drafter
+that samples children from a distribution q, :func:`multi_candidate` applies the general
+rule (recursive rejection sampling without replacement), which is exact too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgespec.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target's logits become a distribution; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The accepted root path (node indices) and the target's token after it."""
+
+    path: list[int]
+    next_token: int
+
+    @property
+    def n_accepted_drafts(self) -> int:
+        return len(self.path) - 1
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The processed next-token distribution: temperature, then top-k, then top-p."""
+    z = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < z.size:
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return p
+
+
+def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token from one row of logits: argmax when greedy, else a draw."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    p = probabilities(logits, params)
+    return int(rng.choice(p.size, p=p))
+
+
+def accept(
+    tree: TokenTree, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
+) -> Acceptance:
+    """Walk down ``tree`` while the target's own choice at a node was drafted as a child.
+
+    At a node whose children came from a drafter's distribution (``tree.draft_probs``),
+    sampling uses :func:`multi_candidate` instead of a plain draw; greedy ignores q.
+    """
+    node, path = 0, [0]
+    while True:
+        q = tree.draft_probs.get(node)
+        if q is None or params.greedy:
+            token = pick(logits[node], params, rng)
+        else:
+            children = [tree.tokens[c] for c in tree.children[node]]
+            token = multi_candidate(probabilities(logits[node], params), q, children, rng)
+        child = tree.child_with_token(node, token)
+        if child is None:
+            return Acceptance(path, token)
+        node = child
+        path.append(child)
+
+
+def multi_candidate(
+    p: np.ndarray, q: np.ndarray, candidates: list[int], rng: np.random.Generator
+) -> int:
+    """One exact draw from ``p`` that lands on a drafted candidate as often as possible.
+
+    ``candidates`` must have been drawn from ``q`` one after another *without replacement*
+    (each from q with the earlier ones removed). Candidate x is accepted with probability
+    min(1, p(x)/q(x)); on rejection the target becomes norm(max(0, p − q)) — the mass q
+    over-proposed is taken out — and q loses x. If every candidate is rejected, the draw
+    comes from what is left of p, which gives rejected candidates zero mass. Each step is
+    the two-token speculative sampling identity, so the returned token is distributed
+    exactly as ``p`` (SpecInfer; Jeon et al., recursive speculative decoding).
+    """
+    p, q = p.astype(np.float64), q.astype(np.float64)
+    for x in candidates:
+        if q[x] <= 0.0:
+            raise ValueError(f"candidate {x} has draft probability 0; it cannot have been drawn")
+        if rng.random() * q[x] < p[x]:
+            return x
+        residual = np.maximum(p - q, 0.0)
+        if residual.sum() <= 0.0:  # p == q up to rounding: a rejection had probability 0
+            return x
+        p = residual / residual.sum()
+        q[x] = 0.0
+        if q.sum() > 0.0:
+            q /= q.sum()
+    return int(rng.choice(p.size, p=p))

@@ -1,0 +1,81 @@
+"""The Backend protocol: what the decode loop needs from an inference engine.
+
+Every engine (llama.cpp, ONNX Runtime, OpenVINO, the numpy reference) implements
+this one small surface. The loop never sees engine details: it hands over a
+:class:`~edgespec.tree.TokenTree`, gets one row of logits per node back from a
+*single* engine call, and tells the backend which root path to keep in its KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from edgespec.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes a backend holds, split the way the memory planner budgets them."""
+
+    weights: int
+    kv_cache: int
+    scratch: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.scratch
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """Special tokens and template data the loop and the chat layer need."""
+
+    bos_id: int | None
+    eos_ids: frozenset[int]
+    add_bos: bool
+    chat_template: str | None = None
+    special_texts: dict[int, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine that can evaluate a token tree in one call and keep only one path."""
+
+    name: str
+    vocab_size: int
+    n_ctx: int
+    n_past: int
+    tokenizer: TokenizerInfo
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control tokens like ``<|im_end|>``."""
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        """Raw bytes of ``ids``; may end inside a UTF-8 character."""
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Append ``ids`` to the KV cache and return the logits after the last one."""
+
+    def verify(self, tree: TokenTree) -> np.ndarray:
+        """Evaluate every node of ``tree`` after the cached context: logits ``[n_nodes, vocab]``.
+
+        Node ``i`` sits at position ``n_past + depth[i]`` and attends to the cache and to
+        its own ancestors only. The KV of all nodes stays provisional until :meth:`commit`.
+        """
+
+    def commit(self, path: Sequence[int]) -> None:
+        """Keep the KV of the root path ``path`` (node indices, root first); drop the rest."""
+
+    def truncate(self, n_past: int) -> None:
+        """Forget everything from position ``n_past`` on (multi-turn rewind, error recovery)."""
+
+    def memory(self) -> MemoryReport:
+        """What this backend holds now."""
+
+    def close(self) -> None:
+        """Free the engine's native memory."""

@@ -1,0 +1,277 @@
+"""Backend on llama.cpp (llama-cpp-python's low-level C API).
+
+A token tree is verified in one ``llama_decode``: each root-to-leaf branch of the tree is a
+llama.cpp *sequence*, a node belongs to the sequences of every branch through it, and its
+position is ``n_past + depth``. llama.cpp masks attention by a token's first sequence id,
+so each node sees the cached context (copied into every branch sequence, which in a
+unified KV cache only tags cells) and its own ancestors — the tree mask, for free.
+Committing keeps the accepted path's cells under sequence 0 and drops every other branch,
+so rejected nodes never stay in the cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgespec.errors import UserError
+from edgespec.tree import TokenTree
+from runtimes.base import MemoryReport, TokenizerInfo
+from runtimes.ggufinfo import GGUFInfo, read_gguf
+
+try:
+    import llama_cpp as llm
+except ImportError:  # pragma: no cover - exercised only without the gguf extra
+    llm = None
+
+
+class _LogCapture:
+    """Routes llama.cpp's log into a list instead of stderr.
+
+    llama.cpp has one log callback per process; the captured lines explain load failures
+    and report the compute buffer size for :meth:`LlamaCppBackend.memory`.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._callback = llm.llama_log_callback(self._log)
+        llm.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        self.lines.append(text.decode("utf-8", errors="replace"))
+        del self.lines[:-200]
+
+    def last_error(self) -> str:
+        errors = [line.strip() for line in self.lines if "error" in line.lower()]
+        return errors[-1] if errors else ""
+
+    def compute_buffer_bytes(self) -> int:
+        sizes = [line.split("=")[-1].split()[0] for line in self.lines
+                 if "compute buffer size" in line]
+        return int(sum(float(s) for s in sizes) * 2**20)
+
+
+def default_threads() -> int:
+    """Physical cores, as llama.cpp picks them (hyper-threads slow matmuls down)."""
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+class LlamaCppBackend:
+    """The :class:`~runtimes.base.Backend` protocol on llama.cpp."""
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        max_tree_nodes: int = 64,
+        n_batch: int = 512,
+    ) -> None:
+        if llm is None:
+            raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
+        self.info: GGUFInfo = read_gguf(path)
+        self._log = _LogCapture()
+        self.threads = threads or default_threads()
+        self.max_tree_nodes = max_tree_nodes
+        self._model = self._load_model(Path(path))
+        self._ctx = self._new_context(n_ctx, n_batch)
+        self._vocab = llm.llama_model_get_vocab(self._model)
+        self._mem = llm.llama_get_memory(self._ctx)
+        self.vocab_size = llm.llama_vocab_n_tokens(self._vocab)
+        # llama.cpp pads the context to a multiple of 256 and caps the batch at it; the
+        # caller's context size stays the limit so that errors name the number it gave
+        self.n_ctx = min(n_ctx, llm.llama_n_ctx(self._ctx))
+        self.n_batch = llm.llama_n_batch(self._ctx)
+        self.n_past = 0
+        self._batch = llm.llama_batch_init(max(n_batch, max_tree_nodes), 0, max_tree_nodes)
+        self._pending: list[list[int]] = []
+        self.tokenizer = self._tokenizer_info()
+
+    # -- loading -------------------------------------------------------------------------
+
+    def _load_model(self, path: Path) -> llm.llama_model_p:
+        params = llm.llama_model_default_params()
+        model = llm.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            detail = self._log.last_error() or "llama.cpp could not load it"
+            raise UserError(f"cannot load {path}: {detail}")
+        return model
+
+    def _new_context(self, n_ctx: int, n_batch: int) -> llm.llama_context_p:
+        params = llm.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = max(n_batch, self.max_tree_nodes)
+        params.n_seq_max = self.max_tree_nodes
+        params.kv_unified = True  # branches share the context's cells instead of copies
+        params.n_threads = params.n_threads_batch = self.threads
+        # flash attention evaluates a batch with another summation order than one token
+        params.flash_attn_type = llm.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        ctx = llm.llama_init_from_model(self._model, params)
+        if not ctx:
+            llm.llama_model_free(self._model)
+            raise UserError(
+                f"llama.cpp could not create a context of {n_ctx} tokens "
+                f"({self._log.last_error() or 'out of memory?'}); try a smaller -c/--ctx-size"
+            )
+        return ctx
+
+    def _tokenizer_info(self) -> TokenizerInfo:
+        v = self._vocab
+        eos = {t for t in range(self.vocab_size) if llm.llama_vocab_is_eog(v, t)}
+        bos = llm.llama_vocab_bos(v)
+        return TokenizerInfo(
+            bos_id=bos if bos >= 0 else None,
+            eos_ids=frozenset(eos),
+            add_bos=bool(llm.llama_vocab_get_add_bos(v)),
+            chat_template=self.info.chat_template,
+            special_texts={t: self.info.tokens[t] for t in (bos, *eos) if 0 <= t < self.vocab_size},
+        )
+
+    # -- text ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llm.llama_token * n_max)()
+        n = llm.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize needed {-n} slots, had {n_max}")
+        return list(buf[:n])
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in ids:
+            n = llm.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, False)
+            out += buf.raw[:max(n, 0)]
+        return bytes(out)
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        self._require_room(len(ids))
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            self._fill(chunk, [self.n_past + i for i in range(len(chunk))], [[0]] * len(chunk),
+                       logits_last_only=last)
+            self._decode()
+            self.n_past += len(chunk)
+        return self._logits(1)[0].copy()
+
+    def verify(self, tree: TokenTree) -> np.ndarray:
+        if len(tree) > self.max_tree_nodes:
+            raise ValueError(f"tree of {len(tree)} nodes exceeds {self.max_tree_nodes} nodes")
+        self._require_room(tree.max_depth + 1)
+        seqs = _branch_sequences(tree)
+        n_branches = 1 + max(s[-1] for s in seqs)
+        for b in range(1, n_branches):
+            llm.llama_memory_seq_cp(self._mem, 0, b, -1, -1)
+        self._fill(tree.tokens, [self.n_past + d for d in tree.depth], seqs, logits_last_only=False)
+        self._decode()
+        self._pending = seqs
+        return self._logits(len(tree)).copy()
+
+    def commit(self, path: Sequence[int]) -> None:
+        if not self._pending:
+            raise RuntimeError("commit() without a verify() before it")
+        seqs, self._pending = self._pending, []
+        end = self.n_past + len(path)
+        keep_seq = seqs[path[-1]][0]  # a branch through the deepest accepted node
+        if keep_seq == 0:
+            llm.llama_memory_seq_rm(self._mem, 0, end, -1)
+        else:
+            llm.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)
+            llm.llama_memory_seq_cp(self._mem, keep_seq, 0, self.n_past, end)
+        for b in range(1, 1 + max(s[-1] for s in seqs)):
+            llm.llama_memory_seq_rm(self._mem, b, -1, -1)
+        self.n_past = end
+
+    def truncate(self, n_past: int) -> None:
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"cannot truncate to {n_past} with {self.n_past} cached")
+        llm.llama_memory_seq_rm(self._mem, -1, n_past, -1)
+        self._pending = []
+        self.n_past = n_past
+
+    def memory(self) -> MemoryReport:
+        return MemoryReport(
+            weights=int(llm.llama_model_size(self._model)),
+            kv_cache=self.n_ctx * self.info.kv_bytes_per_token(),
+            scratch=self._log.compute_buffer_bytes() + 4 * self.vocab_size * self.max_tree_nodes,
+        )
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llm.llama_batch_free(self._batch)
+            llm.llama_free(self._ctx)
+            llm.llama_model_free(self._model)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _require_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise UserError(
+                f"{self.n_past + n} tokens do not fit the context of {self.n_ctx}; "
+                "raise -c/--ctx-size or shorten the prompt"
+            )
+
+    def _fill(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        seqs: Sequence[Sequence[int]],
+        *,
+        logits_last_only: bool,
+    ) -> None:
+        b = self._batch
+        n = len(tokens)
+        b.n_tokens = n
+        np.ctypeslib.as_array(b.token, shape=(n,))[:] = tokens
+        np.ctypeslib.as_array(b.pos, shape=(n,))[:] = positions
+        np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = [len(s) for s in seqs]
+        flags = np.ctypeslib.as_array(b.logits, shape=(n,))
+        flags[:] = 0 if logits_last_only else 1
+        flags[n - 1] = 1
+        for i, s in enumerate(seqs):
+            row = b.seq_id[i]
+            for j, seq in enumerate(s):
+                row[j] = seq
+
+    def _decode(self) -> None:
+        rc = llm.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}): {self._log.last_error()}")
+
+    def _logits(self, n: int) -> np.ndarray:
+        ptr = llm.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size))
+
+
+def _branch_sequences(tree: TokenTree) -> list[list[int]]:
+    """Sequence ids per node: the indices of the leaves below it, smallest first.
+
+    Leaf k is branch k. A node's first id is a branch every ancestor also belongs to, which
+    is what llama.cpp's mask needs; branch 0 keeps the cache's own sequence id.
+    """
+    seqs: list[list[int]] = [[] for _ in range(len(tree))]
+    for branch, leaf in enumerate(tree.leaves()):
+        for node in tree.path_to(leaf):
+            seqs[node].append(branch)
+    return seqs

@@ -1,0 +1,31 @@
+"""Shared fixtures: real model files (generated tiny ones and the packaged SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgespec.models import default_model_path
+from tests.tinymodel import TinyConfig, write_tiny_llama
+
+DEV_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "prompts" / "dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, F16 weights (~14 MB)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f16.gguf", TinyConfig())
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def dev_prompts() -> list[dict]:
+    if not DEV_PROMPTS.is_file():
+        pytest.skip(f"development prompts not found at {DEV_PROMPTS}")
+    return [json.loads(line) for line in DEV_PROMPTS.read_text().splitlines() if line.strip()]

@@ -1,0 +1,48 @@
+"""The speculation policy: verify only what pays for itself on the measured cost curve."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgespec.autotune import CostCurve, SpeculationPolicy
+from edgespec.tree import TokenTree
+
+STEEP = {1: 9.0, 2: 16.0, 4: 25.0, 8: 35.0, 16: 60.0}  # llama.cpp on this 2-core CPU (ms)
+FLAT = {1: 18.0, 2: 19.0, 4: 21.0, 8: 24.0, 16: 30.0}
+
+
+def _chain(scores: list[float]) -> TokenTree:
+    n = len(scores)
+    return TokenTree(list(range(n + 1)), list(range(-1, n)), scores=[1.0, *scores])
+
+
+def test_cost_curve_interpolates_and_learns() -> None:
+    c = CostCurve(STEEP)
+    assert c(3) == pytest.approx(20.5)
+    assert c(32) == pytest.approx(110.0)  # extrapolates the last slope
+    c.update(2, 26.0)
+    assert 16.0 < c(2) < 26.0
+
+
+def test_weak_drafts_are_not_verified_on_a_steep_curve() -> None:
+    policy = SpeculationPolicy(CostCurve(STEEP), max_nodes=16)
+    assert len(policy.select(_chain([0.5, 0.25, 0.12]))) == 1
+
+
+def test_strong_drafts_are_verified_as_far_as_they_pay() -> None:
+    policy = SpeculationPolicy(CostCurve(STEEP), max_nodes=16)
+    tree = policy.select(_chain([0.95, 0.9, 0.85, 0.8, 0.75, 0.1, 0.05]))
+    assert 4 <= len(tree) <= 6
+
+
+def test_a_flat_curve_makes_weak_drafts_worth_it() -> None:
+    policy = SpeculationPolicy(CostCurve(FLAT), max_nodes=16)
+    assert len(policy.select(_chain([0.5, 0.25, 0.12]))) > 1
+
+
+def test_selection_is_ancestor_closed_even_with_unordered_scores() -> None:
+    tree = TokenTree([0, 1, 2, 3], [-1, 0, 1, 0], scores=[1.0, 0.2, 0.99, 0.1])
+    policy = SpeculationPolicy(CostCurve(FLAT), max_nodes=16)
+    chosen = policy.select(tree)
+    for i in range(1, len(chosen)):
+        assert 0 <= chosen.parents[i] < i

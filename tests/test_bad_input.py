@@ -1,0 +1,95 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgespec.errors import UserError
+from runtimes.ggufinfo import read_gguf
+from tests.tinymodel import TinyConfig, write_tiny_llama
+
+
+def edgespec(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgespec", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+@pytest.fixture(scope="module")
+def spm_mislabelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE vocabulary declared as SentencePiece ("llama"), as a bad converter
+    writes it: llama.cpp aborts when it needs a byte-fallback token."""
+    return write_tiny_llama(tmp_path_factory.mktemp("bad") / "spm.gguf",
+                            TinyConfig(tokenizer_model="llama"))
+
+
+def test_missing_model() -> None:
+    assert_user_error(edgespec("run", "/no/such/model.gguf", "hi"), "not found")
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    f = tmp_path / "notes.gguf"
+    f.write_text("hello")
+    assert_user_error(edgespec("run", str(f), "hi"), "not a GGUF")
+
+
+def test_truncated_gguf(tmp_path: Path, tiny_gguf: Path) -> None:
+    f = tmp_path / "cut.gguf"
+    f.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    assert_user_error(edgespec("run", str(f), "hi"), "truncated")
+
+
+def test_header_cut_short(tmp_path: Path, tiny_gguf: Path) -> None:
+    f = tmp_path / "header.gguf"
+    f.write_bytes(tiny_gguf.read_bytes()[:5000])
+    assert_user_error(edgespec("run", str(f), "hi"), "corrupt or truncated")
+
+
+def test_tokenizer_that_would_crash_llama_cpp_is_refused(spm_mislabelled: Path) -> None:
+    with pytest.raises(UserError, match="cannot encode"):
+        read_gguf(spm_mislabelled)
+    assert_user_error(edgespec("run", str(spm_mislabelled), "héllo"), "tokenizer")
+
+
+def test_the_refused_tokenizer_really_aborts_llama_cpp(spm_mislabelled: Path) -> None:
+    """Why the check exists: loaded anyway, llama.cpp kills the process while tokenizing."""
+    pytest.importorskip("llama_cpp")
+    code = (
+        "import llama_cpp as l, sys\n"
+        "m = l.llama_model_load_from_file(sys.argv[1].encode(), l.llama_model_default_params())\n"
+        "v = l.llama_model_get_vocab(m)\n"
+        "buf = (l.llama_token * 64)()\n"
+        "l.llama_tokenize(v, 'h\\u00e9llo \\u2603'.encode(), 9, buf, 64, False, False)\n"
+        "print('survived')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(spm_mislabelled)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "survived" not in r.stdout
+
+
+def test_prompt_longer_than_context() -> None:
+    assert_user_error(edgespec("run", "-c", "64", "--raw", "-p", "word " * 200), "context")
+
+
+@pytest.mark.parametrize("args", [
+    ("--tree-size", "0"), ("--tree-size", "-4"), ("-n", "-1"), ("--threads", "0"),
+    ("-c", "-5"), ("--draft", "telepathy"),
+])
+def test_bad_numbers_and_names(args: tuple[str, str]) -> None:
+    assert_user_error(edgespec("run", "-p", "hi", *args))
+
+
+def test_directory_as_model(tmp_path: Path) -> None:
+    assert_user_error(edgespec("run", str(tmp_path), "hi"), "directory")

@@ -1,0 +1,90 @@
+"""Drafters on synthetic sequences: what they propose and how they learn."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgespec.drafting import FusedDrafter, PromptLookupDrafter, TokenRecyclingDrafter, make_drafter
+from edgespec.tree import TokenTree
+
+
+def _logits_favouring(rows: list[list[int]], vocab: int) -> np.ndarray:
+    """Logits whose ranking puts ``rows[i]`` first, in order, for node ``i``."""
+    out = np.zeros((len(rows), vocab), dtype=np.float32)
+    for i, ranked in enumerate(rows):
+        out[i, ranked] = np.arange(len(ranked), 0, -1, dtype=np.float32)
+    return out
+
+
+def test_recycling_matrix_rows_hold_the_targets_top_k() -> None:
+    d = TokenRecyclingDrafter(vocab_size=50, k=4)
+    tree = TokenTree([7, 9], [-1, 0])
+    d.observe(tree, _logits_favouring([[3, 1, 4, 2], [5, 6, 7, 8]], 50), accepted=[0])
+    assert d.matrix[7].tolist() == [3, 1, 4, 2]
+    assert d.matrix[9].tolist() == [5, 6, 7, 8]
+    assert (d.matrix[8] == -1).all()  # untouched rows stay unknown
+
+
+def test_recycling_drafts_best_first_along_the_matrix() -> None:
+    d = TokenRecyclingDrafter(vocab_size=50, k=4)
+    d.matrix[1] = [2, 3, 4, 5]
+    d.matrix[2] = [6, 7, 8, 9]
+    tree = d.draft([0, 1], budget=4)
+    assert tree.tokens[0] == 1
+    assert tree.tokens[1] == 2  # rank 0 of the root's row comes first
+    assert len(tree) == 4
+    assert all(a >= b for a, b in zip(tree.scores, tree.scores[1:]))
+
+
+def test_recycling_learns_rank_acceptance() -> None:
+    d = TokenRecyclingDrafter(vocab_size=20, k=2)
+    d.matrix[1] = [2, 3]
+    before = d.draft([1], budget=2).scores[1]
+    tree = TokenTree([1, 2], [-1, 0], ["root", "recycling/r0/d1"])
+    for _ in range(20):
+        d.observe(tree, _logits_favouring([[2, 3], [4, 5]], 20), accepted=[0, 1])
+    assert d.draft([1], budget=2).scores[1] > before
+
+
+@given(st.lists(st.integers(0, 9), min_size=4, max_size=60), st.integers(2, 12))
+def test_lookup_proposes_what_followed_the_longest_earlier_match(seq: list[int],
+                                                                 budget: int) -> None:
+    d = PromptLookupDrafter(max_ngram=3, max_branches=1)
+    tree = d.draft(seq, budget)
+    assert tree.tokens[0] == seq[-1] and len(tree) <= budget
+    if len(tree) == 1:
+        return
+    chain = tree.tokens[1:]
+    # the proposal must be a real continuation of an earlier occurrence of some suffix
+    found = False
+    for n in range(3, 0, -1):
+        suffix = seq[-n:]
+        for start in range(n, len(seq)):
+            if seq[start - n:start] == suffix and start < len(seq) and \
+                    seq[start:start + len(chain)] == chain:
+                found = True
+    assert found
+
+
+def test_lookup_copies_a_repeated_phrase_and_follows_rewinds() -> None:
+    d = PromptLookupDrafter()
+    text = [1, 2, 3, 4, 5, 6, 9, 9, 1, 2, 3]
+    assert d.draft(text, budget=4).tokens == [3, 4, 5, 6]
+    rewound = [7, 7, 7, 1, 2, 3]  # not an extension of the indexed context: index rebuilt
+    assert d.draft(rewound, budget=4).tokens == [3]
+
+
+def test_fused_merges_both_drafters_into_one_tree() -> None:
+    lookup, recycling = PromptLookupDrafter(), TokenRecyclingDrafter(vocab_size=20, k=2)
+    recycling.matrix[3] = [4, 8]
+    fused = FusedDrafter([lookup, recycling])
+    tree = fused.draft([1, 2, 3, 4, 5, 1, 2, 3], budget=8)
+    assert tree.tokens[:3] == [3, 4, 5]  # lookup chain; recycling's "4" merged into it
+    assert 8 in tree.tokens
+    assert tree.tokens.count(4) == 1 or tree.parents[tree.tokens.index(4)] == 0
+
+
+def test_make_drafter_none_is_plain_decoding() -> None:
+    assert make_drafter("none", 10) is None

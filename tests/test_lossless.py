@@ -1,0 +1,59 @@
+"""The key property: speculative greedy decoding emits exactly plain greedy decoding.
+
+Run on the packaged SmolLM2-135M through llama.cpp, every development prompt, 64 tokens.
+Speculation is forced on every step (``adaptive=False``) so that each drafter's trees are
+really verified; the adaptive default is checked too. llama.cpp is built without llamafile
+sgemm (see the Makefile), which makes a tree's logits bit-identical to one-token steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import edgespec
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                       reason="llama-cpp-python not installed"),
+]
+N_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def forced(smollm_path):
+    with edgespec.load(smollm_path, ctx=2048, tree_size=8, adaptive=False) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(forced, dev_prompts) -> dict[int, list[int]]:
+    return {
+        p["id"]: forced.chat([{"role": "user", "content": p["turns"][0]}], max_tokens=N_TOKENS,
+                             draft="none").token_ids
+        for p in dev_prompts
+    }
+
+
+@pytest.mark.parametrize("draft", ["fused", "lookup", "recycling"])
+def test_forced_speculation_matches_plain_decoding(forced, dev_prompts, plain_outputs,
+                                                   draft: str) -> None:
+    mismatches, drafted = [], 0
+    for p in dev_prompts:
+        result = forced.chat([{"role": "user", "content": p["turns"][0]}], max_tokens=N_TOKENS,
+                             draft=draft)
+        drafted += result.stats.draft_nodes
+        if result.token_ids != plain_outputs[p["id"]]:
+            mismatches.append(p["id"])
+    assert drafted > 0, "no draft was verified: the test would prove nothing"
+    assert mismatches == [], f"speculative output differs from plain on prompts {mismatches}"
+
+
+def test_adaptive_default_matches_plain_decoding(smollm_path, dev_prompts, plain_outputs) -> None:
+    with edgespec.load(smollm_path, ctx=2048) as engine:
+        for p in dev_prompts:
+            result = engine.chat([{"role": "user", "content": p["turns"][0]}],
+                                 max_tokens=N_TOKENS)
+            assert result.token_ids == plain_outputs[p["id"]], f"prompt {p['id']}"
