@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import runtimes  # module import: runtimes imports edgespec.errors, so no from-import
 from edgespec.autotune import CostCurve, SpeculationPolicy
 from edgespec.chat import ChatTemplate, Message
 from edgespec.drafting import Drafter, make_drafter
@@ -24,7 +25,6 @@ from edgespec.models import resolve_model
 from edgespec.profiler import probe_verify_cost
 from edgespec.textstream import TextStream
 from edgespec.verify import SamplingParams
-from runtimes import open_backend
 from runtimes.base import Backend
 
 DEFAULT_TREE_SIZE = 16
@@ -238,5 +238,5 @@ def load(
         raise UserError(f"threads must be at least 1 (got {threads})")
     path = resolve_model(model)
     options = {"n_ctx": ctx, "threads": threads}
-    return Engine(open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
+    return Engine(runtimes.open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
                   adaptive=adaptive)

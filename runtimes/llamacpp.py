@@ -93,7 +93,7 @@ class LlamaCppBackend:
         self.n_batch = llm.llama_n_batch(self._ctx)
         self.n_past = 0
         self._batch = llm.llama_batch_init(max(n_batch, max_tree_nodes), 0, max_tree_nodes)
-        self._pending: list[list[int]] = []
+        self._pending: tuple[TokenTree, list[int], int] | None = None
         self.tokenizer = self._tokenizer_info()
 
     # -- loading -------------------------------------------------------------------------
@@ -158,52 +158,62 @@ class LlamaCppBackend:
 
     # -- evaluation ----------------------------------------------------------------------
 
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, ids: Sequence[int], *, logits: bool = True) -> np.ndarray | None:
         if not ids:
             raise ValueError("prefill needs at least one token")
         self._require_room(len(ids))
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
-            last = start + len(chunk) == len(ids)
+            last = logits and start + len(chunk) == len(ids)
             self._fill(chunk, [self.n_past + i for i in range(len(chunk))], [[0]] * len(chunk),
-                       logits_last_only=last)
+                       logits_last_only=True, output_last=last)
             self._decode()
             self.n_past += len(chunk)
-        return self._logits(1)[0].copy()
+        return self._logits(1)[0].copy() if logits else None
 
     def verify(self, tree: TokenTree) -> np.ndarray:
         if len(tree) > self.max_tree_nodes:
             raise ValueError(f"tree of {len(tree)} nodes exceeds {self.max_tree_nodes} nodes")
         self._require_room(tree.max_depth + 1)
+        order = _layout(tree)
         seqs = _branch_sequences(tree)
         n_branches = 1 + max(s[-1] for s in seqs)
         for b in range(1, n_branches):
             llm.llama_memory_seq_cp(self._mem, 0, b, -1, -1)
-        self._fill(tree.tokens, [self.n_past + d for d in tree.depth], seqs, logits_last_only=False)
+        self._fill([tree.tokens[i] for i in order], [self.n_past + tree.depth[i] for i in order],
+                   [seqs[i] for i in order], logits_last_only=False)
         self._decode()
-        self._pending = seqs
-        return self._logits(len(tree)).copy()
+        self._pending = (tree, order, n_branches)
+        logits = np.empty((len(tree), self.vocab_size), dtype=np.float32)
+        logits[order] = self._logits(len(tree))
+        return logits
 
     def commit(self, path: Sequence[int]) -> None:
-        if not self._pending:
+        """Keep ``path``'s cells, in position order right after the context.
+
+        Attention sums over cache cells in cell order, so bit-exact agreement with plain
+        decoding needs the cells in the order plain decoding would have written them. The
+        tree was laid out with its likeliest branch first: a path along it is already in
+        place; any other accepted path is evaluated again as a chain (rare, and exact).
+        """
+        if self._pending is None:
             raise RuntimeError("commit() without a verify() before it")
-        seqs, self._pending = self._pending, []
-        end = self.n_past + len(path)
-        keep_seq = seqs[path[-1]][0]  # a branch through the deepest accepted node
-        if keep_seq == 0:
-            llm.llama_memory_seq_rm(self._mem, 0, end, -1)
+        tree, order, n_branches = self._pending
+        self._pending = None
+        in_place = list(path) == order[: len(path)]
+        keep = len(path) if in_place else 0
+        for b in range(n_branches):
+            llm.llama_memory_seq_rm(self._mem, b, self.n_past + keep if b == 0 else -1, -1)
+        if in_place:
+            self.n_past += len(path)
         else:
-            llm.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)
-            llm.llama_memory_seq_cp(self._mem, keep_seq, 0, self.n_past, end)
-        for b in range(1, 1 + max(s[-1] for s in seqs)):
-            llm.llama_memory_seq_rm(self._mem, b, -1, -1)
-        self.n_past = end
+            self.prefill([tree.tokens[i] for i in path], logits=False)
 
     def truncate(self, n_past: int) -> None:
         if not 0 <= n_past <= self.n_past:
             raise ValueError(f"cannot truncate to {n_past} with {self.n_past} cached")
         llm.llama_memory_seq_rm(self._mem, -1, n_past, -1)
-        self._pending = []
+        self._pending = None
         self.n_past = n_past
 
     def memory(self) -> MemoryReport:
@@ -239,6 +249,7 @@ class LlamaCppBackend:
         seqs: Sequence[Sequence[int]],
         *,
         logits_last_only: bool,
+        output_last: bool = True,
     ) -> None:
         b = self._batch
         n = len(tokens)
@@ -248,7 +259,7 @@ class LlamaCppBackend:
         np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = [len(s) for s in seqs]
         flags = np.ctypeslib.as_array(b.logits, shape=(n,))
         flags[:] = 0 if logits_last_only else 1
-        flags[n - 1] = 1
+        flags[n - 1] = output_last or not logits_last_only
         for i, s in enumerate(seqs):
             row = b.seq_id[i]
             for j, seq in enumerate(s):
@@ -264,14 +275,33 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size))
 
 
-def _branch_sequences(tree: TokenTree) -> list[list[int]]:
-    """Sequence ids per node: the indices of the leaves below it, smallest first.
+def _main_branch(tree: TokenTree) -> list[int]:
+    """The likeliest root-to-leaf path: from the root, always the best-scored child."""
+    path = [0]
+    while tree.children[path[-1]]:
+        path.append(max(tree.children[path[-1]], key=lambda c: tree.scores[c]))
+    return path
 
-    Leaf k is branch k. A node's first id is a branch every ancestor also belongs to, which
-    is what llama.cpp's mask needs; branch 0 keeps the cache's own sequence id.
+
+def _layout(tree: TokenTree) -> list[int]:
+    """Batch order: the main branch first (so its cells follow the context), then the rest
+    in tree order; every sequence still sees its positions in increasing order."""
+    main = _main_branch(tree)
+    on_main = set(main)
+    return main + [i for i in range(len(tree)) if i not in on_main]
+
+
+def _branch_sequences(tree: TokenTree) -> list[list[int]]:
+    """Sequence ids per node: the branches (leaves) through it, smallest first.
+
+    The main branch is sequence 0, the cache's own. A node's first id is a branch every
+    ancestor also belongs to, which is what llama.cpp's mask needs.
     """
+    leaves = tree.leaves()
+    main_leaf = _main_branch(tree)[-1]
+    leaves.remove(main_leaf)
     seqs: list[list[int]] = [[] for _ in range(len(tree))]
-    for branch, leaf in enumerate(tree.leaves()):
+    for branch, leaf in enumerate([main_leaf, *leaves]):
         for node in tree.path_to(leaf):
             seqs[node].append(branch)
     return seqs
