@@ -12,6 +12,7 @@ so rejected nodes never stay in the cache.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,10 @@ except ImportError:  # pragma: no cover - exercised only without the gguf extra
 class _LogCapture:
     """Routes llama.cpp's log into a list instead of stderr.
 
-    llama.cpp has one log callback per process; the captured lines explain load failures
-    and report the compute buffer size for :meth:`LlamaCppBackend.memory`.
+    llama.cpp has one log callback per *process*, so there is one capture per process too
+    (see :func:`_log_capture`): a callback owned by a backend would be freed with it while
+    llama.cpp still calls it. The captured lines explain load failures and report the
+    compute buffer size for :meth:`LlamaCppBackend.memory`.
     """
 
     def __init__(self) -> None:
@@ -53,6 +56,11 @@ class _LogCapture:
         sizes = [line.split("=")[-1].split()[0] for line in self.lines
                  if "compute buffer size" in line]
         return int(sum(float(s) for s in sizes) * 2**20)
+
+
+@functools.cache
+def _log_capture() -> _LogCapture:
+    return _LogCapture()
 
 
 def default_threads() -> int:
@@ -79,7 +87,8 @@ class LlamaCppBackend:
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
         self.info: GGUFInfo = read_gguf(path)
-        self._log = _LogCapture()
+        self._log = _log_capture()
+        self._log.lines.clear()
         self.threads = threads or default_threads()
         self.max_tree_nodes = max_tree_nodes
         self._model = self._load_model(Path(path))
@@ -91,6 +100,7 @@ class LlamaCppBackend:
         # caller's context size stays the limit so that errors name the number it gave
         self.n_ctx = min(n_ctx, llm.llama_n_ctx(self._ctx))
         self.n_batch = llm.llama_n_batch(self._ctx)
+        self._compute_bytes = self._log.compute_buffer_bytes()
         self.n_past = 0
         self._batch = llm.llama_batch_init(max(n_batch, max_tree_nodes), 0, max_tree_nodes)
         self._pending: tuple[TokenTree, list[int], int] | None = None
@@ -220,7 +230,7 @@ class LlamaCppBackend:
         return MemoryReport(
             weights=int(llm.llama_model_size(self._model)),
             kv_cache=self.n_ctx * self.info.kv_bytes_per_token(),
-            scratch=self._log.compute_buffer_bytes() + 4 * self.vocab_size * self.max_tree_nodes,
+            scratch=self._compute_bytes + 4 * self.vocab_size * self.max_tree_nodes,
         )
 
     def close(self) -> None:
