@@ -218,7 +218,7 @@ def hf_config(folder: Path) -> tuple[LlamaConfig, dict]:
         raise UserError("the reference backend does not support Llama variants with biases")
     n_embd, n_head = raw["hidden_size"], raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or n_embd // n_head
-    scaling = raw.get("rope_scaling") or {}
+    scaling = hf_rope_scaling(raw)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise UserError(f"the reference backend does not support RoPE scaling {kind!r}")
@@ -232,11 +232,17 @@ def hf_config(folder: Path) -> tuple[LlamaConfig, dict]:
         n_vocab=raw["vocab_size"],
         n_ctx_train=raw.get("max_position_embeddings", 2048),
         rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_base=float(raw.get("rope_theta", 10000.0)),
+        rope_base=float(raw.get("rope_theta") or scaling.get("rope_theta") or 10000.0),
         rope_dim=head_dim,
         rope_linear_scale=float(scaling["factor"]) if kind == "linear" else 1.0,
     )
     return cfg, raw
+
+
+def hf_rope_scaling(raw: dict) -> dict:
+    """RoPE settings of a ``config.json``: ``rope_scaling`` (transformers < 5, most Hub
+    models) or ``rope_parameters`` (what transformers >= 5 writes, ``rope_theta`` inside)."""
+    return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
 
 
 def llama3_freq_factors(cfg: LlamaConfig, scaling: dict) -> np.ndarray:
@@ -294,7 +300,7 @@ def load_hf_folder(folder: Path, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Ll
         layer.wk = hf_to_llamacpp_rope(layer.wk, cfg.n_head_kv)
         layers.append(layer)
     embed = get("model.embed_tokens.weight")
-    scaling = raw.get("rope_scaling") or {}
+    scaling = hf_rope_scaling(raw)
     llama3 = scaling.get("rope_type", scaling.get("type")) == "llama3"
     return LlamaWeights(
         config=cfg,
