@@ -116,6 +116,18 @@ class Engine:
         )
         return template.render(messages)
 
+    def next_token_logits(self, prompt: str | Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """The target's logits after ``prompt`` + ``tokens``, evaluated as plain decoding would.
+
+        For diagnostics, e.g. the top-2 margin where two runs' outputs diverge.
+        """
+        ids = [*self._prompt_ids(prompt), *tokens]
+        with self._lock:
+            loop = self._decode_loop(speculative=False)
+            loop.cached.clear()
+            self.backend.truncate(0)
+            return self.backend.prefill(ids)
+
     def cancel(self) -> None:
         """Stop the generation in progress (from any thread); it ends with ``Cancelled``."""
         self._cancel.set()

@@ -63,6 +63,26 @@ class SpeculationPolicy:
         self.margin = margin
         self.adaptive = adaptive  # False: always verify the best max_nodes (tests, studies)
         self.overhead_s = 0.0
+        self._recent_size = float(max_nodes)
+
+    def draft_budget(self) -> int:
+        """How many nodes to ask the drafter for: about twice what was worth verifying lately.
+
+        Drafting a 16-node tree costs ~0.15 ms of Python; on text where speculation does not
+        pay, a small budget keeps that overhead off every plain step.
+        """
+        if not self.adaptive:
+            return self.max_nodes
+        return max(4, min(self.max_nodes, round(2 * self._recent_size + 2)))
+
+    def min_score(self) -> float:
+        """Below this acceptance estimate no node can pay for itself: half the cheapest
+        marginal cost of one more verified token, relative to a plain step."""
+        if not self.adaptive:
+            return 0.0
+        base = self.step_cost(1)
+        marginal = min(self.cost(n + 1) - self.cost(n) for n in range(1, self.max_nodes))
+        return min(0.5, max(0.02, 0.5 * marginal / base))
 
     def step_cost(self, n: int) -> float:
         """Seconds of a whole loop step that verifies ``n`` tokens (drafting included)."""
@@ -83,6 +103,12 @@ class SpeculationPolicy:
         order = sorted(range(1, len(tree)), key=lambda i: (-scores[i], i))
         if not self.adaptive:
             return tree.prune(order[: self.max_nodes - 1])
+        chosen = self._best_size(scores, order)
+        self._recent_size += 0.2 * (chosen + 1 - self._recent_size)
+        return tree.prune(order[:chosen])
+
+    def _best_size(self, scores: list[float], order: list[int]) -> int:
+        """The n whose top-n nodes give the most expected tokens per second (0: none)."""
         best_n, best_rate = 0, (1.0 + self.margin) / self.step_cost(1)
         expected = 1.0
         for n, node in enumerate(order[: self.max_nodes - 1], start=1):
@@ -90,4 +116,4 @@ class SpeculationPolicy:
             rate = expected / self.step_cost(n + 1)
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        return tree.prune(order[:best_n])
+        return best_n

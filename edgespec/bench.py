@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -64,6 +65,7 @@ class Measurement:
     draft_nodes_per_step: float
     peak_rss_bytes: int
     token_ids: list[int]
+    prompt_text: str
 
 
 def read_prompts(path: Path, categories: list[str] | None = None,
@@ -101,14 +103,14 @@ def _run_prompt(engine: Engine, prompt: Prompt, config: str, max_tokens: int,
     answers: list[str] = []
     rows = []
     for turn in range(len(prompt.turns)):
-        messages = turns_to_messages(prompt.turns[: turn + 1], answers)
-        result = engine.chat(messages, max_tokens=max_tokens, draft=config)
+        text = engine.render_chat(turns_to_messages(prompt.turns[: turn + 1], answers))
+        result = engine.generate(text, max_tokens=max_tokens, draft=config)
         answers.append(result.text)
         s = result.stats.as_dict()
         rows.append(Measurement(
             prompt.id, prompt.category, turn, repeat, config, s["new_tokens"], s["decode_s"],
             s["prefill_s"], s["steps"], s["accepted_per_step"], s["draft_nodes_per_step"],
-            s["peak_rss_bytes"], result.token_ids,
+            s["peak_rss_bytes"], result.token_ids, text,
         ))
     return rows
 
@@ -159,6 +161,26 @@ def summarize(rows: list[Measurement], configs: list[str]) -> list[dict]:
     return table
 
 
+def divergences(engine: Engine, rows: list[Measurement]) -> list[dict]:
+    """Where a configuration's output left plain decoding's, and how close the call was.
+
+    The margin is plain decoding's top-1 minus top-2 logit at the first differing token:
+    a numerical near-tie (a tiny margin) rather than a bug in speculation.
+    """
+    plain = {(m.prompt_id, m.turn, m.repeat): m for m in rows if m.config == BASELINE}
+    found = []
+    for m in rows:
+        ref = plain.get((m.prompt_id, m.turn, m.repeat))
+        if m.config == BASELINE or ref is None or ref.token_ids == m.token_ids:
+            continue
+        i = next((k for k, (a, b) in enumerate(zip(ref.token_ids, m.token_ids)) if a != b),
+                 min(len(ref.token_ids), len(m.token_ids)))
+        top2 = np.sort(engine.next_token_logits(ref.prompt_text, ref.token_ids[:i]))[-2:]
+        found.append({"prompt_id": m.prompt_id, "turn": m.turn, "repeat": m.repeat,
+                      "config": m.config, "index": i, "margin": float(top2[1] - top2[0])})
+    return found
+
+
 def render(summary: list[dict], console: Console) -> None:
     table = Table(title="edgespec bench: decode tokens/s, ratio to plain decoding")
     for col in ("category", "config", "tok/s", "ratio", "tok/step", "nodes/step", "same output"):
@@ -191,6 +213,7 @@ def run_bench(options: BenchOptions) -> list[dict]:
     with load(options.model, backend=options.backend, threads=options.threads, ctx=options.ctx,
               tree_size=options.tree_size, draft=configs[-1]) as engine:
         rows = measure(engine, prompts, configs, options.max_tokens, options.repeat, console)
+        diverged = divergences(engine, rows)
         meta = {"model": str(options.model or "default (SmolLM2-135M-Instruct Q4_1)"),
                 "backend": engine.backend.name,
                 "threads": getattr(engine.backend, "threads", options.threads),
@@ -198,8 +221,12 @@ def run_bench(options: BenchOptions) -> list[dict]:
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
     summary = summarize(rows, configs)
     render(summary, Console())
+    for d in diverged:
+        Console().print(f"prompt {d['prompt_id']} turn {d['turn']} ({d['config']}) diverged at "
+                        f"token {d['index']}: plain top-2 logit margin {d['margin']:.4f}")
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "results.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "measurements": [asdict(m) for m in rows]}, indent=1))
+        {"meta": meta, "summary": summary, "divergences": diverged,
+         "measurements": [asdict(m) for m in rows]}, indent=1))
     (options.out / "summary.md").write_text(markdown(summary, meta))
     return summary

@@ -166,10 +166,10 @@ class DecodeLoop:
             yield from new
 
     def _draft(self, context: list[int], drafter: Drafter | None, room: int) -> TokenTree:
-        budget = min(self.policy.max_nodes, room)
+        budget = min(self.policy.draft_budget(), room)
         if drafter is None or budget < 2:
             return TokenTree.root(context[-1])
-        return self.policy.select(drafter.draft(context, budget))
+        return self.policy.select(drafter.draft(context, budget, self.policy.min_score()))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgespec.drafting import FusedDrafter, PromptLookupDrafter, TokenRecyclingDrafter, make_drafter
+from edgespec.drafting.base import AcceptanceStats, ShadowLog
 from edgespec.tree import TokenTree
 
 
@@ -38,14 +39,27 @@ def test_recycling_drafts_best_first_along_the_matrix() -> None:
     assert all(a >= b for a, b in zip(tree.scores, tree.scores[1:]))
 
 
-def test_recycling_learns_rank_acceptance() -> None:
+def test_recycling_learns_from_the_text_that_followed_even_unverified_drafts() -> None:
     d = TokenRecyclingDrafter(vocab_size=20, k=2)
-    d.matrix[1] = [2, 3]
-    before = d.draft([1], budget=2).scores[1]
-    tree = TokenTree([1, 2], [-1, 0], ["root", "recycling/r0/d1"])
-    for _ in range(20):
-        d.observe(tree, _logits_favouring([[2, 3], [4, 5]], 20), accepted=[0, 1])
-    assert d.draft([1], budget=2).scores[1] > before
+    d.matrix[1], d.matrix[2] = [2, 3], [1, 3]
+    context = [1]
+    before = d.draft(context, budget=2).scores[1]
+    for _ in range(20):  # the text alternates 1, 2, 1, 2: rank 0 is always right
+        context.append(3 - context[-1])
+        d.draft(context, budget=2)  # nothing verified: the proposals are judged by the text
+    assert d.draft(context, budget=2).scores[1] > before + 0.3
+
+
+def test_shadow_log_judges_every_node_against_the_continuation() -> None:
+    stats = AcceptanceStats(prior=0.5)
+    log = ShadowLog(stats, "x")
+    tree = TokenTree([9, 1, 2, 3], [-1, 0, 1, 0], ["root", "x/a", "x/b", "x/c"])
+    log.propose([5, 9], tree)
+    log.propose([5, 9, 1], TokenTree.root(1))  # too short to judge depth 2 yet
+    assert stats.rate("x/a") == 0.5
+    log.propose([5, 9, 1, 4], TokenTree.root(4))  # 1 followed 9, then 4 (not 2)
+    assert stats.rate("x/a") > 0.5 > stats.rate("x/b")
+    assert stats.rate("x/c") < 0.5  # a sibling that lost
 
 
 @given(st.lists(st.integers(0, 9), min_size=4, max_size=60), st.integers(2, 12))

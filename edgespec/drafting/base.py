@@ -23,23 +23,29 @@ class Drafter(Protocol):
 
     name: str
 
-    def draft(self, context: Sequence[int], budget: int) -> TokenTree:
-        """A tree rooted at ``context[-1]`` with at most ``budget`` nodes, scored."""
+    def draft(self, context: Sequence[int], budget: int, min_score: float = 0.0) -> TokenTree:
+        """A tree rooted at ``context[-1]`` with at most ``budget`` nodes, scored.
+
+        Nodes scoring below ``min_score`` cannot pay for their verification on this device;
+        a drafter should not spend time proposing them.
+        """
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
         """Learn from a verification: ``logits[i]`` is the target's output at node ``i``."""
 
 
 class AcceptanceStats:
-    """Beta-smoothed acceptance rate per feature key (e.g. ``lookup/m3/d2``).
+    """Beta-smoothed, exponentially fading acceptance rate per feature key (``lookup/m3/d2``).
 
     A node counts as *tried* when its parent was accepted (only then could it be), and as
     a success when it was accepted too. The estimate is conditional on the parent, so a
-    path's probability is the product of its nodes' estimates.
+    path's probability is the product of its nodes' estimates. Old evidence fades
+    (``memory`` ≈ how many recent trials count), so estimates follow the current text.
     """
 
-    def __init__(self, prior: float, weight: float = 4.0) -> None:
+    def __init__(self, prior: float, weight: float = 4.0, memory: float = 32.0) -> None:
         self._prior, self._weight = prior, weight
+        self._keep = 1.0 - 1.0 / memory
         self._counts: dict[str, list[float]] = {}
 
     def rate(self, key: str, prior: float | None = None) -> float:
@@ -54,11 +60,48 @@ class AcceptanceStats:
             source = tree.sources[i]
             if tree.parents[i] in on_path and source.startswith(prefix):
                 counts = self._counts.setdefault(source, [0.0, 0.0])
-                counts[0] += i in on_path
-                counts[1] += 1.0
+                counts[0] = counts[0] * self._keep + (i in on_path)
+                counts[1] = counts[1] * self._keep + 1.0
 
-    def decay(self, factor: float) -> None:
-        """Fade old evidence so estimates follow the text being generated now."""
-        for counts in self._counts.values():
-            counts[0] *= factor
-            counts[1] *= factor
+
+class ShadowLog:
+    """Judges every proposed tree against the text that really followed, verified or not.
+
+    The policy verifies only the nodes it expects to pay, so learning from verified nodes
+    alone would never revise a pessimistic estimate. But once the target has produced the
+    tokens after a proposal, the drafter can see (in its next ``context``) exactly which
+    proposed nodes the target would have accepted — for greedy decoding this *is* the
+    verification result, for sampling an unbiased draw of it — and learn from all of them.
+    """
+
+    def __init__(self, stats: AcceptanceStats, prefix: str) -> None:
+        self.stats, self.prefix = stats, prefix
+        self._pending: list[tuple[int, int, TokenTree]] = []  # (position, root token, tree)
+
+    def propose(self, context: Sequence[int], tree: TokenTree) -> None:
+        """Remember ``tree``, drafted after ``context``; judge older proposals now decidable."""
+        self._resolve(context)
+        if len(tree) > 1:
+            self._pending.append((len(context), context[-1], tree))
+
+    def _resolve(self, context: Sequence[int]) -> None:
+        still = []
+        for pos, root, tree in self._pending:
+            if pos > len(context) or context[pos - 1] != root:
+                continue  # the context was rewound or replaced: the proposal is moot
+            if len(context) - pos < tree.max_depth:
+                still.append((pos, root, tree))
+                continue
+            self.stats.record(tree, _followed(tree, context[pos:]), self.prefix)
+        self._pending = still
+
+
+def _followed(tree: TokenTree, continuation: Sequence[int]) -> list[int]:
+    """The root path of ``tree`` that spells out ``continuation``."""
+    path = [0]
+    for token in continuation:
+        child = tree.child_with_token(path[-1], token)
+        if child is None:
+            break
+        path.append(child)
+    return path

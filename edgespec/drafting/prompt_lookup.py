@@ -11,13 +11,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgespec.drafting.base import AcceptanceStats
+from edgespec.drafting.base import AcceptanceStats, ShadowLog
 from edgespec.tree import TokenTree, TreeBuilder
 
-# Prior acceptance of the first drafted token by match length; deeper tokens of a copy
-# that is already being accepted are likelier still. Live statistics take over quickly.
-_FIRST_PRIOR = {1: 0.15, 2: 0.3, 3: 0.45, 4: 0.55}
+# Prior acceptance of the first drafted token by match-length bucket; deeper tokens of a
+# copy that is already being accepted are likelier still. Live statistics take over fast.
+_BUCKETS = (1, 2, 3, 4, 8, 16)
+_FIRST_PRIOR = {1: 0.15, 2: 0.3, 3: 0.45, 4: 0.55, 8: 0.7, 16: 0.8}
 _DEEP_PRIOR = 0.6
+_LONGEST_MATCH = 32
 
 
 class PromptLookupDrafter:
@@ -29,10 +31,11 @@ class PromptLookupDrafter:
         self.max_ngram = max_ngram
         self.max_branches = max_branches
         self.stats = AcceptanceStats(prior=0.3)
+        self._shadow = ShadowLog(self.stats, self.name)
         self._seen: list[int] = []
         self._index: dict[tuple[int, ...], list[int]] = {}
 
-    def draft(self, context: Sequence[int], budget: int) -> TokenTree:
+    def draft(self, context: Sequence[int], budget: int, min_score: float = 0.0) -> TokenTree:
         self._sync(context)
         builder = TreeBuilder(context[-1])
         end = len(context)
@@ -41,10 +44,12 @@ class PromptLookupDrafter:
             if starts:
                 self._add_branches(builder, context, starts, n, budget)
                 break
-        return builder.build()
+        tree = builder.build()
+        self._shadow.propose(context, tree)  # all of it: weak keys must be able to improve
+        return tree.prune([i for i, score in enumerate(tree.scores) if score >= min_score])
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
-        self.stats.record(tree, accepted, self.name)
+        """Nothing to learn here: proposals are judged against the real text (ShadowLog)."""
 
     def _continuations(self, key: tuple[int, ...], end: int) -> list[int]:
         """Start positions of what followed earlier occurrences of ``key``, newest first."""
@@ -62,12 +67,13 @@ class PromptLookupDrafter:
     ) -> None:
         end = len(context)
         for rank, start in enumerate(starts):
+            bucket = _bucket(_match_length(context, start, end, n))
             parent, score = 0, 1.0
             for depth, token in enumerate(context[start:end], start=1):
                 if len(builder.tokens) >= budget:
                     return
-                key = f"{self.name}/m{n}/b{min(rank, 1)}/d{min(depth, 4)}"
-                prior = _FIRST_PRIOR[min(n, 4)] if depth == 1 else _DEEP_PRIOR
+                key = f"{self.name}/m{bucket}/b{min(rank, 1)}/d{min(depth, 4)}"
+                prior = _FIRST_PRIOR[bucket] if depth == 1 else _DEEP_PRIOR
                 score *= self.stats.rate(key, prior)
                 parent = builder.add(parent, token, score, key)
 
@@ -80,3 +86,18 @@ class PromptLookupDrafter:
         for end in range(max(known, 1), len(self._seen) + 1):
             for n in range(1, min(self.max_ngram, end) + 1):
                 self._index.setdefault(tuple(self._seen[end - n:end]), []).append(end)
+
+
+def _match_length(context: Sequence[int], start: int, end: int, known: int) -> int:
+    """How many tokens before ``start`` equal those before ``end`` (at least ``known``).
+
+    A long verbatim match means the text is being copied, and copies tend to continue.
+    """
+    n = known
+    while n < _LONGEST_MATCH and start - n > 0 and context[start - n - 1] == context[end - n - 1]:
+        n += 1
+    return n
+
+
+def _bucket(length: int) -> int:
+    return max(b for b in _BUCKETS if b <= length)
