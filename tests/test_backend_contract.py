@@ -24,6 +24,9 @@ BACKENDS = [
         importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")),
     pytest.param("reference", marks=pytest.mark.skipif(
         importlib.util.find_spec("runtimes.reference") is None, reason="no reference backend")),
+    pytest.param("onnx", marks=pytest.mark.skipif(
+        importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+        reason="onnxruntime or onnx not installed")),
 ]
 PROMPT = "The lighthouse keeper climbed the stairs every evening to light the lamp."
 # llama.cpp evaluates a batch with other kernels than one token; the tiny model is F16,
