@@ -64,6 +64,10 @@ class SpeculationPolicy:
         self.adaptive = adaptive  # False: always verify the best max_nodes (tests, studies)
         self.overhead_s = 0.0
         self._recent_size = float(max_nodes)
+        # realised vs predicted accepted drafts of the trees it chose (EMAs): the chosen
+        # trees are the ones whose estimates came out highest, so they are biased upward
+        self._predicted, self._realised = 1.0, 1.0
+        self._last_expected = 0.0
 
     def draft_budget(self) -> int:
         """How many nodes to ask the drafter for: about twice what was worth verifying lately.
@@ -88,10 +92,21 @@ class SpeculationPolicy:
         """Seconds of a whole loop step that verifies ``n`` tokens (drafting included)."""
         return self.cost(n) + self.overhead_s
 
-    def observe(self, n: int, verify_s: float, step_s: float) -> None:
-        """Learn from a finished step: its verify time and the loop's own overhead."""
+    def observe(self, n: int, verify_s: float, step_s: float, accepted: int = 0) -> None:
+        """Learn from a finished step: its verify time, the loop's own overhead and how many
+        drafts were accepted against how many the chosen tree promised."""
         self.cost.update(n, verify_s)
         self.overhead_s += 0.1 * (step_s - verify_s - self.overhead_s)
+        if n > 1:
+            self._predicted += 0.05 * (self._last_expected - self._predicted)
+            self._realised += 0.05 * (accepted - self._realised)
+        else:  # without speculation there is no new evidence: slowly trust the drafts again
+            self._realised += 0.005 * (self._predicted - self._realised)
+
+    @property
+    def calibration(self) -> float:
+        """Realised / predicted accepted drafts, the correction applied to drafters' scores."""
+        return min(1.5, max(0.3, self._realised / max(self._predicted, 1e-6)))
 
     def select(self, tree: TokenTree) -> TokenTree:
         """The ancestor-closed top-n nodes of ``tree`` maximising expected tokens per second."""
@@ -105,14 +120,15 @@ class SpeculationPolicy:
             return tree.prune(order[: self.max_nodes - 1])
         chosen = self._best_size(scores, order)
         self._recent_size += 0.2 * (chosen + 1 - self._recent_size)
+        self._last_expected = sum(scores[i] for i in order[:chosen])
         return tree.prune(order[:chosen])
 
     def _best_size(self, scores: list[float], order: list[int]) -> int:
         """The n whose top-n nodes give the most expected tokens per second (0: none)."""
         best_n, best_rate = 0, (1.0 + self.margin) / self.step_cost(1)
-        expected = 1.0
+        expected, calibration = 1.0, self.calibration
         for n, node in enumerate(order[: self.max_nodes - 1], start=1):
-            expected += scores[node]
+            expected += calibration * scores[node]
             rate = expected / self.step_cost(n + 1)
             if rate > best_rate:
                 best_n, best_rate = n, rate

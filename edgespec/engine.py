@@ -154,7 +154,8 @@ class DecodeLoop:
             self.backend.commit(accepted.path)
             if drafter is not None:
                 drafter.observe(tree, logits, accepted.path)
-            self.policy.observe(len(tree), verify_s, time.perf_counter() - step_start)
+            self.policy.observe(len(tree), verify_s, time.perf_counter() - step_start,
+                                accepted.n_accepted_drafts)
             new = [tree.tokens[i] for i in accepted.path[1:]]
             self.cached.extend([context[-1], *new])
             new.append(accepted.next_token)

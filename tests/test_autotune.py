@@ -46,3 +46,14 @@ def test_selection_is_ancestor_closed_even_with_unordered_scores() -> None:
     chosen = policy.select(tree)
     for i in range(1, len(chosen)):
         assert 0 <= chosen.parents[i] < i
+
+
+def test_overconfident_drafts_are_discounted_by_what_they_really_deliver() -> None:
+    policy = SpeculationPolicy(CostCurve(STEEP), max_nodes=16)
+    promising = _chain([0.95, 0.9, 0.85, 0.8])
+    assert len(policy.select(promising)) > 1
+    for _ in range(100):  # the chosen trees promise ~3.5 accepted drafts and deliver none
+        chosen = policy.select(promising)
+        policy.observe(len(chosen), STEEP[1] * len(chosen), STEEP[1] * len(chosen), 0)
+    assert policy.calibration < 0.8
+    assert len(policy.select(promising)) == 1
