@@ -68,6 +68,8 @@ class SpeculationPolicy:
         # trees are the ones whose estimates came out highest, so they are biased upward
         self._predicted, self._realised = 1.0, 1.0
         self._last_expected = 0.0
+        self._steps = 0
+        self._min_score = 0.0
 
     def draft_budget(self) -> int:
         """How many nodes to ask the drafter for: about twice what was worth verifying lately.
@@ -81,12 +83,15 @@ class SpeculationPolicy:
 
     def min_score(self) -> float:
         """Below this acceptance estimate no node can pay for itself: half the cheapest
-        marginal cost of one more verified token, relative to a plain step."""
+        marginal cost of one more verified token, relative to a plain step (refreshed every
+        32 steps; the curve moves slowly)."""
         if not self.adaptive:
             return 0.0
-        base = self.step_cost(1)
-        marginal = min(self.cost(n + 1) - self.cost(n) for n in range(1, self.max_nodes))
-        return min(0.5, max(0.02, 0.5 * marginal / base))
+        if self._steps % 32 == 0:
+            base = self.step_cost(1)
+            marginal = min(self.cost(n + 1) - self.cost(n) for n in range(1, self.max_nodes))
+            self._min_score = min(0.5, max(0.02, 0.5 * marginal / base))
+        return self._min_score
 
     def step_cost(self, n: int) -> float:
         """Seconds of a whole loop step that verifies ``n`` tokens (drafting included)."""
@@ -97,6 +102,7 @@ class SpeculationPolicy:
         drafts were accepted against how many the chosen tree promised."""
         self.cost.update(n, verify_s)
         self.overhead_s += 0.1 * (step_s - verify_s - self.overhead_s)
+        self._steps += 1
         if n > 1:
             self._predicted += 0.05 * (self._last_expected - self._predicted)
             self._realised += 0.05 * (accepted - self._realised)

@@ -57,3 +57,4 @@ def test_overconfident_drafts_are_discounted_by_what_they_really_deliver() -> No
         policy.observe(len(chosen), STEEP[1] * len(chosen), STEEP[1] * len(chosen), 0)
     assert policy.calibration < 0.8
     assert len(policy.select(promising)) == 1
+

@@ -25,16 +25,22 @@ _RANK_PRIOR = (0.3, 0.08, 0.04, 0.03, 0.02, 0.02, 0.01, 0.01)
 def top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest entries of each row, best first.
 
-    ``k`` vectorised argmax passes over a copy: ~10× faster than ``np.argpartition`` on a
-    49k vocabulary, which matters when a plain decoding step takes 9 ms.
+    ``k`` vectorised argmax passes, masking each winner in place and restoring it after:
+    ~10× faster than ``np.argpartition`` on a 49k vocabulary and no copy of the rows,
+    which matters when a plain decoding step takes 9 ms.
     """
-    x = np.array(logits, dtype=np.float32, ndmin=2)
+    x = logits.reshape(-1, logits.shape[-1])
     rows = np.arange(x.shape[0])
     out = np.empty((x.shape[0], k), dtype=np.int32)
-    for j in range(k):
-        best = x.argmax(axis=1)
-        out[:, j] = best
-        x[rows, best] = -np.inf
+    saved = np.empty((x.shape[0], k), dtype=x.dtype)
+    try:
+        for j in range(k):
+            best = x.argmax(axis=1)
+            out[:, j], saved[:, j] = best, x[rows, best]
+            x[rows, best] = -np.inf
+    finally:
+        for j in range(k):
+            x[rows, out[:, j]] = saved[:, j]
     return out
 
 
