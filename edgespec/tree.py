@@ -7,7 +7,7 @@ comes before it, so a tree is always in topological order and ``parents[i] < i``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,11 +88,6 @@ class TokenTree:
 
     def leaves(self) -> list[int]:
         return [i for i, c in enumerate(self.children) if not c]
-
-    def iter_paths(self) -> Iterator[list[int]]:
-        """Every root-to-leaf path: the branches a backend may map to sequences."""
-        for leaf in self.leaves():
-            yield self.path_to(leaf)
 
     def ancestor_mask(self) -> np.ndarray:
         """``mask[i, j]`` is true when node ``i`` may attend to node ``j`` (itself included)."""

@@ -27,7 +27,7 @@ def test_depth_children_and_paths() -> None:
     assert t.depth == [0, 1, 2, 1]
     assert t.children == [[1, 3], [2], [], []]
     assert t.path_to(2) == [0, 1, 2]
-    assert sorted(map(tuple, t.iter_paths())) == [(0, 1, 2), (0, 3)]
+    assert sorted(tuple(t.path_to(leaf)) for leaf in t.leaves()) == [(0, 1, 2), (0, 3)]
     assert t.ancestor_mask()[2].tolist() == [True, True, True, False]
 
 
