@@ -89,6 +89,22 @@ class TokenTree:
     def leaves(self) -> list[int]:
         return [i for i, c in enumerate(self.children) if not c]
 
+    def best_first(self) -> list[int]:
+        """Nodes depth-first, best-scored child first.
+
+        The likeliest branch is the prefix up to the first leaf. Backends lay a tree out in
+        this order so that, when that branch is accepted, its KV already sits in
+        consecutive cells after the context, as plain decoding would have written it
+        (attention sums over cells in cell order; bit-exactness depends on it). Each
+        root-to-leaf path still appears in ancestor order.
+        """
+        order, stack = [], [0]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(sorted(self.children[node], key=lambda c: (self.scores[c], -c)))
+        return order
+
     def ancestor_mask(self) -> np.ndarray:
         """``mask[i, j]`` is true when node ``i`` may attend to node ``j`` (itself included)."""
         n = len(self.tokens)

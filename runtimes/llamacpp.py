@@ -176,7 +176,7 @@ class LlamaCppBackend:
             chunk = ids[start:start + self.n_batch]
             last = logits and start + len(chunk) == len(ids)
             self._fill(chunk, [self.n_past + i for i in range(len(chunk))], [[0]] * len(chunk),
-                       logits_last_only=True, output_last=last)
+                       outputs="last" if last else "none")
             self._decode()
             self.n_past += len(chunk)
         return self._logits(1)[0].copy() if logits else None
@@ -185,13 +185,13 @@ class LlamaCppBackend:
         if len(tree) > self.max_tree_nodes:
             raise ValueError(f"tree of {len(tree)} nodes exceeds {self.max_tree_nodes} nodes")
         self._require_room(tree.max_depth + 1)
-        order = _layout(tree)
-        seqs = _branch_sequences(tree)
+        order = tree.best_first()
+        seqs = _branch_sequences(tree, order)
         n_branches = 1 + max(s[-1] for s in seqs)
         for b in range(1, n_branches):
             llm.llama_memory_seq_cp(self._mem, 0, b, -1, -1)
         self._fill([tree.tokens[i] for i in order], [self.n_past + tree.depth[i] for i in order],
-                   [seqs[i] for i in order], logits_last_only=False)
+                   [seqs[i] for i in order], outputs="all")
         self._decode()
         self._pending = (tree, order, n_branches)
         logits = np.empty((len(tree), self.vocab_size), dtype=np.float32)
@@ -203,8 +203,9 @@ class LlamaCppBackend:
 
         Attention sums over cache cells in cell order, so bit-exact agreement with plain
         decoding needs the cells in the order plain decoding would have written them. The
-        tree was laid out with its likeliest branch first: a path along it is already in
-        place; any other accepted path is evaluated again as a chain (rare, and exact).
+        tree was laid out best-first (:meth:`TokenTree.best_first`): a path along its
+        likeliest branch is already in place; any other accepted path is evaluated again as
+        a chain (rare, and exact).
         """
         if self._pending is None:
             raise RuntimeError("commit() without a verify() before it")
@@ -258,9 +259,9 @@ class LlamaCppBackend:
         positions: Sequence[int],
         seqs: Sequence[Sequence[int]],
         *,
-        logits_last_only: bool,
-        output_last: bool = True,
+        outputs: str,
     ) -> None:
+        """Load the batch; ``outputs`` is which tokens return logits: all, last or none."""
         b = self._batch
         n = len(tokens)
         b.n_tokens = n
@@ -268,8 +269,8 @@ class LlamaCppBackend:
         np.ctypeslib.as_array(b.pos, shape=(n,))[:] = positions
         np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = [len(s) for s in seqs]
         flags = np.ctypeslib.as_array(b.logits, shape=(n,))
-        flags[:] = 0 if logits_last_only else 1
-        flags[n - 1] = output_last or not logits_last_only
+        flags[:] = outputs == "all"
+        flags[n - 1] = outputs != "none"
         for i, s in enumerate(seqs):
             row = b.seq_id[i]
             for j, seq in enumerate(s):
@@ -285,33 +286,16 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size))
 
 
-def _main_branch(tree: TokenTree) -> list[int]:
-    """The likeliest root-to-leaf path: from the root, always the best-scored child."""
-    path = [0]
-    while tree.children[path[-1]]:
-        path.append(max(tree.children[path[-1]], key=lambda c: tree.scores[c]))
-    return path
+def _branch_sequences(tree: TokenTree, order: list[int]) -> list[list[int]]:
+    """Sequence ids per node: the branches (leaves) through it, in ``order``'s leaf order.
 
-
-def _layout(tree: TokenTree) -> list[int]:
-    """Batch order: the main branch first (so its cells follow the context), then the rest
-    in tree order; every sequence still sees its positions in increasing order."""
-    main = _main_branch(tree)
-    on_main = set(main)
-    return main + [i for i in range(len(tree)) if i not in on_main]
-
-
-def _branch_sequences(tree: TokenTree) -> list[list[int]]:
-    """Sequence ids per node: the branches (leaves) through it, smallest first.
-
-    The main branch is sequence 0, the cache's own. A node's first id is a branch every
-    ancestor also belongs to, which is what llama.cpp's mask needs.
+    The first leaf of the best-first order ends the likeliest branch, which becomes
+    sequence 0, the cache's own. A node's first id is a branch every ancestor also
+    belongs to, which is what llama.cpp's mask needs.
     """
-    leaves = tree.leaves()
-    main_leaf = _main_branch(tree)[-1]
-    leaves.remove(main_leaf)
     seqs: list[list[int]] = [[] for _ in range(len(tree))]
-    for branch, leaf in enumerate([main_leaf, *leaves]):
+    leaves = [i for i in order if not tree.children[i]]
+    for branch, leaf in enumerate(leaves):
         for node in tree.path_to(leaf):
             seqs[node].append(branch)
     return seqs

@@ -24,8 +24,8 @@ twice, and both are worked around here, measured on SmolLM2 int8:
   token is evaluated with a throw-away second row (scratch slot, invisible to the first),
   so plain steps cost c(2) instead of c(1), ~1.15-1.25x;
 * a node whose ancestors are not in consecutive slots is summed in another order by GQA
-  (see :func:`_slot_order`): the best-scored path gets consecutive slots, and accepting
-  another path recomputes its KV as a chain (one extra run, on few steps).
+  (see :meth:`TokenTree.best_first`): the best-scored path gets consecutive slots, and
+  accepting another path recomputes its KV as a chain (one extra run, on few steps).
 
 int4 with blocks of 128 stays batch-variant (its kernel depends on the row count); blocks
 of 32 (the default) do not.
@@ -123,23 +123,6 @@ def _mask(visible: np.ndarray, n_past: int, offset: int) -> np.ndarray:
     mask[..., n_past:offset] = -np.inf
     mask[0, 0, :, offset:] = np.where(visible, np.float32(0), np.float32(-np.inf))
     return mask
-
-
-def _slot_order(tree: TokenTree) -> list[int]:
-    """Nodes in the order they take slots: depth-first, best-scored child first.
-
-    A node gets bit for bit the logits sequential decoding gives only if its ancestors sit
-    in consecutive slots: GQA's softmax and value sums run over slots in SIMD lanes, so a
-    gap left by a sibling changes the rounding (1e-5 in fp32; int8 activations amplify it
-    to ~0.5 on SmolLM2). One root-to-leaf path can be consecutive; the drafter's best
-    guess is the path most often accepted, so it gets the consecutive slots.
-    """
-    order, stack = [], [0]
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(sorted(tree.children[node], key=lambda c: (tree.scores[c], -c)))
-    return order
 
 
 class OnnxBackend:
@@ -288,10 +271,10 @@ class OnnxBackend:
     def verify(self, tree: TokenTree) -> np.ndarray:
         """Logits ``[n_nodes, vocab]`` in one run; the tree's KV waits in slots ``n_past..``.
 
-        Nodes take slots depth-first, best-scored child first (see :func:`_slot_order`).
+        Nodes take slots depth-first, best-scored child first (:meth:`TokenTree.best_first`).
         """
         self._check_room(tree, self.n_past)
-        order = _slot_order(tree)
+        order = tree.best_first()
         slot = np.empty(len(tree), np.int64)
         slot[order] = np.arange(len(tree))
         visible = tree.ancestor_mask()[np.ix_(order, order)]
@@ -305,8 +288,8 @@ class OnnxBackend:
         """Keep the accepted path's KV at ``n_past..``: already there if it is the best path.
 
         Another path's rows were computed with gaps between its slots (see
-        :func:`_slot_order`); they are moved down (a few KB per token) or, when batch
-        invariance is on, recomputed as a chain so the cache holds what sequential decoding
+        :meth:`TokenTree.best_first`); they are moved down (a few KB per token) or, when
+        batch invariance is on, recomputed as a chain so the cache holds what sequential decoding
         would have written — one extra run of ``len(path)`` tokens, on the rare steps that
         accept a branch other than the drafter's best.
         """

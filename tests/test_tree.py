@@ -70,3 +70,13 @@ def test_builder_merges_identical_continuations() -> None:
     assert t.tokens == [1, 2, 3, 4]
     assert t.parents == [-1, 0, 1, 1]
     assert t.scores[1] == 0.9 and t.sources[1] == "y"
+
+
+def test_best_first_puts_the_likeliest_branch_first() -> None:
+    t = TokenTree([0, 1, 2, 3, 4], [-1, 0, 0, 2, 1], scores=[1.0, 0.3, 0.8, 0.7, 0.2])
+    order = t.best_first()
+    assert order[:3] == [0, 2, 3]  # root, best child, its best child: the main branch
+    assert sorted(order) == list(range(5))
+    for leaf in t.leaves():
+        path = t.path_to(leaf)
+        assert [i for i in order if i in path] == path  # every branch in ancestor order
