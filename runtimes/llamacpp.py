@@ -34,7 +34,7 @@ class _LogCapture:
     """Routes llama.cpp's log into a list instead of stderr.
 
     llama.cpp has one log callback per *process*, so there is one capture per process too
-    (see :func:`_log_capture`): a callback owned by a backend would be freed with it while
+    (see :func:`log_capture`): a callback owned by a backend would be freed with it while
     llama.cpp still calls it. The captured lines explain load failures and report the
     compute buffer size for :meth:`LlamaCppBackend.memory`.
     """
@@ -59,7 +59,7 @@ class _LogCapture:
 
 
 @functools.cache
-def _log_capture() -> _LogCapture:
+def log_capture() -> _LogCapture:
     return _LogCapture()
 
 
@@ -87,7 +87,7 @@ class LlamaCppBackend:
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
         self.info: GGUFInfo = read_gguf(path)
-        self._log = _log_capture()
+        self._log = log_capture()
         self._log.lines.clear()
         self.threads = threads or default_threads()
         self.max_tree_nodes = max_tree_nodes

@@ -31,7 +31,7 @@ SUPPORTED_GGUF_ARCHS = frozenset({"llama"})
 SUPPORTED_HF_ARCHS = frozenset({"LlamaForCausalLM"})
 _Q = gguf.GGMLQuantizationType
 SUPPORTED_QUANTS = frozenset({_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q4_K, _Q.Q6_K})
-_GGUF_LAYER = {
+GGUF_LAYER = {
     "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
     "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up",
     "w_down": "ffn_down",
@@ -188,7 +188,7 @@ def load_gguf(
         return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     layers = [
-        LayerWeights(**{k: get(f"blk.{i}.{v}.weight") for k, v in _GGUF_LAYER.items()})
+        LayerWeights(**{k: get(f"blk.{i}.{v}.weight") for k, v in GGUF_LAYER.items()})
         for i in range(cfg.n_layer)
     ]
     embed = get("token_embd.weight")
