@@ -69,7 +69,8 @@ class SpeculationPolicy:
         self._predicted, self._realised = 1.0, 1.0
         self._last_expected = 0.0
         self._steps = 0
-        self._min_score = 0.0
+        self._min_score = self._entry_score = 0.0
+        self._thresholds_at = -1  # the step count they were computed at
 
     def draft_budget(self) -> int:
         """How many nodes to ask the drafter for: about twice what was worth verifying lately.
@@ -83,15 +84,32 @@ class SpeculationPolicy:
 
     def min_score(self) -> float:
         """Below this acceptance estimate no node can pay for itself: half the cheapest
-        marginal cost of one more verified token, relative to a plain step (refreshed every
-        32 steps; the curve moves slowly)."""
-        if not self.adaptive:
-            return 0.0
-        if self._steps % 32 == 0:
-            base = self.step_cost(1)
-            marginal = min(self.cost(n + 1) - self.cost(n) for n in range(1, self.max_nodes))
-            self._min_score = min(0.5, max(0.02, 0.5 * marginal / base))
+        marginal cost of one more verified token, relative to a plain step."""
+        self._refresh_thresholds()
         return self._min_score
+
+    def entry_score(self) -> float:
+        """A tree whose best node scores below this cannot pay at all, so is not worth
+        drafting: n nodes yield at most 1 + n·s tokens and must beat a plain step (by the
+        margin) at the cost of verifying n + 1. On a CPU where two tokens cost 1.8× one
+        this is ~0.55, which idles weak drafters instead of building trees nobody verifies.
+        """
+        self._refresh_thresholds()
+        return self._entry_score
+
+    def _refresh_thresholds(self) -> None:
+        """Recompute both thresholds every 32 steps: the curve moves slowly."""
+        fresh = self._thresholds_at >= 0 and self._steps - self._thresholds_at < 32
+        if not self.adaptive or fresh or self.max_nodes < 2:
+            return
+        self._thresholds_at = self._steps
+        sizes = range(1, self.max_nodes)
+        base = self.step_cost(1)
+        marginal = min(self.cost(n + 1) - self.cost(n) for n in sizes)
+        self._min_score = min(0.5, max(0.02, 0.5 * marginal / base))
+        bar = (1.0 + self.margin) / base
+        self._entry_score = min((bar * self.step_cost(n + 1) - 1.0) / (n * self.calibration)
+                                for n in sizes)
 
     def step_cost(self, n: int) -> float:
         """Seconds of a whole loop step that verifies ``n`` tokens (drafting included)."""

@@ -170,7 +170,9 @@ class DecodeLoop:
         budget = min(self.policy.draft_budget(), room)
         if drafter is None or budget < 2:
             return TokenTree.root(context[-1])
-        return self.policy.select(drafter.draft(context, budget, self.policy.min_score()))
+        policy = self.policy
+        return policy.select(
+            drafter.draft(context, budget, policy.min_score(), policy.entry_score()))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

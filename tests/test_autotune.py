@@ -58,3 +58,19 @@ def test_overconfident_drafts_are_discounted_by_what_they_really_deliver() -> No
     assert policy.calibration < 0.8
     assert len(policy.select(promising)) == 1
 
+
+
+@pytest.mark.parametrize("curve", [STEEP, FLAT])
+def test_entry_score_is_the_weakest_best_node_that_can_pay(curve: dict) -> None:
+    """Any tree whose best node scores just above the entry score can pay; every tree
+    whose best node scores just below it cannot, whatever its size."""
+    policy = SpeculationPolicy(CostCurve(curve), max_nodes=16)
+    entry = policy.entry_score()
+    assert len(policy.select(_chain([entry * 0.98] * 15))) == 1
+    assert len(policy.select(_chain([min(entry * 1.05, 1.0)] * 15))) > 1
+
+
+def test_entry_score_is_high_on_a_steep_curve_and_low_on_a_flat_one() -> None:
+    steep = SpeculationPolicy(CostCurve(STEEP), max_nodes=16).entry_score()
+    flat = SpeculationPolicy(CostCurve(FLAT), max_nodes=16).entry_score()
+    assert 0.3 < steep < 0.8 and flat < 0.1

@@ -50,6 +50,20 @@ def test_recycling_learns_from_the_text_that_followed_even_unverified_drafts() -
     assert d.draft(context, budget=2).scores[1] > before + 0.3
 
 
+def test_lookup_below_the_entry_score_proposes_nothing_but_keeps_learning() -> None:
+    """A match too weak to pay yields the bare root; its first node still reaches the
+    shadow log, so once the text keeps repeating, the estimate rises past the entry score."""
+    d = PromptLookupDrafter()
+    context = [7, 8, 9] * 2
+    assert len(d.draft(context, budget=4, entry_score=0.99)) == 1
+    weak = d.draft(context, budget=4).scores[1]
+    for _ in range(30):
+        context.append(context[-3])  # the text continues the repetition
+        d.draft(context, budget=4, entry_score=0.99)
+    assert d.draft(context, budget=4).scores[1] > weak + 0.2
+    assert len(d.draft(context, budget=4, entry_score=0.5)) > 1
+
+
 def test_shadow_log_judges_every_node_against_the_continuation() -> None:
     stats = AcceptanceStats(prior=0.5)
     log = ShadowLog(stats, "x")

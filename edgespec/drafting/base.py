@@ -23,11 +23,16 @@ class Drafter(Protocol):
 
     name: str
 
-    def draft(self, context: Sequence[int], budget: int, min_score: float = 0.0) -> TokenTree:
+    def draft(
+        self, context: Sequence[int], budget: int, min_score: float = 0.0,
+        entry_score: float = 0.0,
+    ) -> TokenTree:
         """A tree rooted at ``context[-1]`` with at most ``budget`` nodes, scored.
 
         Nodes scoring below ``min_score`` cannot pay for their verification on this device;
-        a drafter should not spend time proposing them.
+        a drafter should not spend time proposing them. A tree whose best node would score
+        below ``entry_score`` cannot pay at all: the drafter should return the bare root
+        (after whatever cheap probe keeps its estimates learning).
         """
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:

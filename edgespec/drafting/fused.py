@@ -22,10 +22,13 @@ class FusedDrafter:
     def __init__(self, drafters: Sequence[Drafter]) -> None:
         self.drafters = list(drafters)
 
-    def draft(self, context: Sequence[int], budget: int, min_score: float = 0.0) -> TokenTree:
+    def draft(
+        self, context: Sequence[int], budget: int, min_score: float = 0.0,
+        entry_score: float = 0.0,
+    ) -> TokenTree:
         builder = TreeBuilder(context[-1])
         for drafter in self.drafters:
-            builder.graft(drafter.draft(context, budget, min_score))
+            builder.graft(drafter.draft(context, budget, min_score, entry_score))
         return builder.build()
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:

@@ -34,19 +34,44 @@ class PromptLookupDrafter:
         self._shadow = ShadowLog(self.stats, self.name)
         self._seen: list[int] = []
         self._index: dict[tuple[int, ...], list[int]] = {}
+        self._context: Sequence[int] | None = None  # the list _seen mirrors
 
-    def draft(self, context: Sequence[int], budget: int, min_score: float = 0.0) -> TokenTree:
+    def draft(
+        self, context: Sequence[int], budget: int, min_score: float = 0.0,
+        entry_score: float = 0.0,
+    ) -> TokenTree:
         self._sync(context)
         builder = TreeBuilder(context[-1])
+        starts, n = self._longest_match(context)
+        gated = bool(starts) and self._first_score(context, starts[0], n) < entry_score
+        if starts:
+            # a tree that cannot pay is not built: its first node alone still goes to the
+            # shadow log, so the estimate of this kind of match keeps learning
+            self._add_branches(builder, context, starts[:1] if gated else starts, n,
+                               2 if gated else budget)
+        tree = builder.build()
+        self._shadow.propose(context, tree)  # all of it: weak keys must be able to improve
+        if gated:
+            return TokenTree.root(context[-1])
+        keep = [i for i, score in enumerate(tree.scores) if score >= min_score]
+        return tree if len(keep) == len(tree) else tree.prune(keep)
+
+    def _longest_match(self, context: Sequence[int]) -> tuple[list[int], int]:
+        """Continuation starts of the longest suffix n-gram seen before, and its n."""
         end = len(context)
         for n in range(min(self.max_ngram, end - 1), 0, -1):
             starts = self._continuations(tuple(context[end - n:]), end)
             if starts:
-                self._add_branches(builder, context, starts, n, budget)
-                break
-        tree = builder.build()
-        self._shadow.propose(context, tree)  # all of it: weak keys must be able to improve
-        return tree.prune([i for i, score in enumerate(tree.scores) if score >= min_score])
+                return starts, n
+        return [], 0
+
+    def _first_score(self, context: Sequence[int], start: int, n: int) -> float:
+        """The estimate of the best branch's first node (the highest score in the tree)."""
+        bucket = _bucket(_match_length(context, start, len(context), n))
+        return self.stats.rate(self._key(bucket, 0, 1), _FIRST_PRIOR[bucket])
+
+    def _key(self, bucket: int, rank: int, depth: int) -> str:
+        return f"{self.name}/m{bucket}/b{min(rank, 1)}/d{min(depth, 4)}"
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
         """Nothing to learn here: proposals are judged against the real text (ShadowLog)."""
@@ -72,15 +97,24 @@ class PromptLookupDrafter:
             for depth, token in enumerate(context[start:end], start=1):
                 if len(builder.tokens) >= budget:
                     return
-                key = f"{self.name}/m{bucket}/b{min(rank, 1)}/d{min(depth, 4)}"
+                key = self._key(bucket, rank, depth)
                 prior = _FIRST_PRIOR[bucket] if depth == 1 else _DEEP_PRIOR
                 score *= self.stats.rate(key, prior)
                 parent = builder.add(parent, token, score, key)
 
     def _sync(self, context: Sequence[int]) -> None:
-        """Index the n-grams of tokens added since the last call (rebuild after a rewind)."""
+        """Index the n-grams of tokens added since the last call (rebuild after a rewind).
+
+        The decode loop grows one context list per generation, so while it is the same
+        object only its new tail needs checking; a new list is compared in full, once.
+        """
         known = len(self._seen)
-        if len(context) < known or list(context[:known]) != self._seen:
+        if context is self._context and len(context) >= known:
+            same = known == 0 or context[known - 1] == self._seen[-1]
+        else:
+            same = len(context) >= known and list(context[:known]) == self._seen
+        self._context = context
+        if not same:
             self._seen, self._index, known = [], {}, 0
         self._seen.extend(context[known:])
         for end in range(max(known, 1), len(self._seen) + 1):
