@@ -23,8 +23,43 @@ test: install-test
 	$(BIN)/ruff check edgespec runtimes exporters apps tests
 	$(BIN)/python -m pytest -q
 
-bench: install
-	$(BIN)/edgespec bench --prompts ../shared/prompts/dev.jsonl --out bench-out
+# The standard comparison: edgespec vs every peer on SmolLM2-135M and Gemma-3-270M, then
+# docs/benchmarks.md from the raw results. Run it on an otherwise idle machine: llama.cpp's
+# threads spin-wait, so any other load collapses its speed.
+BENCH_OUT   ?= bench-out
+BENCH_FLAGS ?= --prompts ../shared/prompts/dev.jsonl --peers all -n 128
+BENCH_MODELS := smollm2-135m gemma3-270m
+
+bench: install peers
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[gguf,bench]"
+	for m in $(BENCH_MODELS); do \
+		$(BIN)/edgespec bench -m $$m $(BENCH_FLAGS) --out $(BENCH_OUT)/$$m || exit 1; done
+	$(BIN)/python -m edgespec.bench_report docs/benchmarks.md $(addprefix $(BENCH_OUT)/,$(BENCH_MODELS))
+
+# Peers whose dependencies conflict with edgespec's (and with each other: the model builder
+# needs a newer transformers than optimum-intel allows) get virtualenvs of their own, made
+# once. torch is pinned to the CPU wheel: any other version pulls multi-GB CUDA builds.
+PEERS_DIR     ?= $(HOME)/.cache/edgespec/peers
+TORCH_CPU     := torch==2.13.0
+PEER_OPENVINO := openvino-genai==2026.4.1.0 "optimum-intel[openvino]==2.2.0" transformers==5.0.0
+PEER_ORTGENAI := onnxruntime-genai==0.18.0 onnx onnx-ir transformers==5.24.0 accelerate gguf
+
+.PHONY: peers
+peers: $(PEERS_DIR)/openvino-venv/.ready $(PEERS_DIR)/ortgenai-venv/.ready
+
+# optimum-intel 2.2 exports Gemma only with transformers <= 5.0; it pulls PyPI's torchvision,
+# which breaks beside the CPU torch ("operator torchvision::nms does not exist") and which
+# exporting an LLM does not need
+$(PEERS_DIR)/openvino-venv/.ready:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q $(TORCH_CPU) $(PEER_OPENVINO)
+	$(@D)/bin/python -m pip uninstall -y -q torchvision
+	touch $@
+
+$(PEERS_DIR)/ortgenai-venv/.ready:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q $(TORCH_CPU) $(PEER_ORTGENAI)
+	touch $@
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

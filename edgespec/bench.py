@@ -1,8 +1,15 @@
-"""The benchmark harness: plain decoding and each drafter, interleaved, in one process.
+"""The benchmark harness: edgespec's configurations and peer engines, interleaved in one run.
 
 Absolute speed on a shared 2-core machine is noise; ratios measured back to back are
-not. Every prompt is run by every configuration in turn (the order alternates between
-repetitions), each through the same engine and the same KV cache, after a warm-up.
+not. Every configuration — edgespec with a (backend, draft) pair, or a peer engine such as
+llama-cpp-python or OpenVINO GenAI — runs in a long-lived worker process of its own
+(:mod:`edgespec.peers`), warmed up, and every prompt turn goes to every configuration in
+turn, the order reversed on every other repetition.
+
+All configurations get the same text: each turn is rendered once with the model's chat
+template (a plain transcript for models without one), multi-turn prompts carrying the
+baseline's earlier answers, and each engine tokenizes it as its users' code would. Token
+counts are normalised (the stop token is not a new token), so speeds compare like for like.
 Prompts are Spec-Bench question files: ``{"id" | "question_id", "category", "turns"}``.
 """
 
@@ -10,19 +17,43 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
+import runtimes
+from edgespec import bench_report
 from edgespec.api import Engine, load
-from edgespec.chat import turns_to_messages
+from edgespec.chat import ChatTemplate, turns_to_messages
 from edgespec.errors import UserError
+from edgespec.models import resolve_model
+from edgespec.peers import (
+    PLAIN,
+    RATIO_REFERENCE,
+    Config,
+    edgespec_config,
+    missing,
+    peer_config,
+    plain_of,
+    select_peers,
+)
+from edgespec.peers.client import Worker, WorkerError
+from edgespec.peers.exports import PRECISION, model_for
 
-BASELINE = "none"
+BASELINE = f"edgespec-llamacpp:{PLAIN}"
+ALL = "ALL"
+WARMUP_TOKENS = 16
+# models without a chat template (base models such as Gemma-3-270M) get a plain transcript
+TRANSCRIPT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -32,11 +63,22 @@ class Prompt:
     turns: list[str]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One turn of one prompt, rendered once and sent to every configuration."""
+
+    prompt: Prompt
+    turn: int
+    text: str
+
+
 @dataclass
 class BenchOptions:
     model: Path | None = None
     prompts: Path = Path("../shared/prompts/dev.jsonl")
     drafts: list[str] = field(default_factory=lambda: ["fused"])
+    backends: list[str] = field(default_factory=lambda: ["auto"])
+    peers: str = "all"
     max_tokens: int = 128
     categories: list[str] | None = None
     limit: int | None = None
@@ -44,7 +86,6 @@ class BenchOptions:
     threads: int | None = None
     ctx: int = 4096
     tree_size: int | None = None
-    backend: str = "auto"
     out: Path = Path("bench-out")
 
 
@@ -57,15 +98,18 @@ class Measurement:
     turn: int
     repeat: int
     config: str
-    new_tokens: int
-    decode_s: float
-    prefill_s: float
-    steps: int
+    new_tokens: int  # up to, not counting, the stop token
+    decode_s: float  # first token → last token
+    ttft_s: float  # request → first token (tokenize, prefill, first pick)
+    e2e_s: float
+    steps: int  # model calls after the first token
     accepted_per_step: float
-    draft_nodes_per_step: float
-    peak_rss_bytes: int
+    draft_nodes_per_step: float | None  # None: the engine does not report its drafts
+    peak_rss_bytes: int  # of this configuration's worker process
     token_ids: list[int]
     prompt_text: str
+    prompt_ids: list[int] = field(default_factory=list)
+    text: str = ""
 
 
 def read_prompts(path: Path, categories: list[str] | None = None,
@@ -97,81 +141,183 @@ def read_prompts(path: Path, categories: list[str] | None = None,
     return prompts
 
 
-def _run_prompt(engine: Engine, prompt: Prompt, config: str, max_tokens: int,
-                repeat: int) -> list[Measurement]:
-    """All turns of ``prompt``; later turns see this configuration's own earlier answers."""
-    answers: list[str] = []
-    rows = []
-    for turn in range(len(prompt.turns)):
-        text = engine.render_chat(turns_to_messages(prompt.turns[: turn + 1], answers))
-        result = engine.generate(text, max_tokens=max_tokens, draft=config)
-        answers.append(result.text)
-        s = result.stats.as_dict()
-        rows.append(Measurement(
-            prompt.id, prompt.category, turn, repeat, config, s["new_tokens"], s["decode_s"],
-            s["prefill_s"], s["steps"], s["accepted_per_step"], s["draft_nodes_per_step"],
-            s["peak_rss_bytes"], result.token_ids, text,
-        ))
-    return rows
+def render(engine: Engine, turns: Sequence[str], answers: Sequence[str]) -> str:
+    """The prompt text for ``turns`` so far: the model's chat template, else a transcript."""
+    messages = turns_to_messages(turns, answers)
+    if engine.backend.tokenizer.chat_template:
+        return engine.render_chat(messages)
+    return ChatTemplate(TRANSCRIPT_TEMPLATE).render(messages)
 
 
-def measure(engine: Engine, prompts: list[Prompt], configs: list[str], max_tokens: int,
-            repeat: int, console: Console) -> list[Measurement]:
-    """Interleave configurations prompt by prompt; alternate their order every repetition."""
-    for config in configs:  # warm-up: caches, cost probe, drafter memory of the chat format
-        engine.chat([{"role": "user", "content": "Say hello."}], max_tokens=16, draft=config)
+def prepare_requests(engine: Engine, prompts: list[Prompt], max_tokens: int) -> list[Request]:
+    """Every turn's text; a later turn carries plain decoding's answers to the earlier ones."""
+    requests = []
+    for prompt in prompts:
+        answers: list[str] = []
+        for turn in range(len(prompt.turns)):
+            text = render(engine, prompt.turns[: turn + 1], answers)
+            requests.append(Request(prompt, turn, text))
+            if turn + 1 < len(prompt.turns):
+                answers.append(engine.generate(text, max_tokens=max_tokens, draft="none").text)
+    return requests
+
+
+def to_measurement(reply: dict, request: Request, repeat: int, config: str,
+                   stop_ids: frozenset[int]) -> Measurement:
+    """A worker's reply, counted the same way for every engine."""
+    generated = reply["token_ids"]
+    end = next((i for i, t in enumerate(generated) if t in stop_ids), len(generated))
+    steps, drafts = reply["steps"], reply["draft_tokens"]
+    return Measurement(
+        request.prompt.id, request.prompt.category, request.turn, repeat, config,
+        new_tokens=end, decode_s=reply["e2e_s"] - reply["ttft_s"], ttft_s=reply["ttft_s"],
+        e2e_s=reply["e2e_s"], steps=steps,
+        accepted_per_step=max(len(generated) - 1, 0) / steps if steps else 1.0,
+        draft_nodes_per_step=drafts / steps if drafts is not None and steps else None,
+        peak_rss_bytes=reply["peak_rss_bytes"], token_ids=generated[:end],
+        prompt_text=request.text, prompt_ids=reply["prompt_ids"], text=reply["text"],
+    )
+
+
+class Workers:
+    """The running workers, by label; a configuration that fails is dropped with a note."""
+
+    def __init__(self, skipped: dict[str, str], console: Console) -> None:
+        self.running: dict[str, Worker] = {}
+        self.versions: dict[str, str] = {}
+        self.skipped = skipped
+        self.console = console
+
+    def start(self, configs: list[Config], model: Path, *, threads: int | None,
+              stop_ids: list[int], logs: Path) -> None:
+        """Export what peers need, then load every configuration concurrently."""
+        for config in configs:
+            log = logs / f"{config.label.replace(':', '-')}.log"
+            try:
+                path = model_for(config.model_format, model)
+                self.running[config.label] = Worker(config, path, threads=threads,
+                                                    stop_ids=stop_ids, log=log)
+            except UserError as e:
+                self.drop(config.label, str(e))
+        for label, worker in list(self.running.items()):
+            try:
+                self.versions[label] = worker.wait_ready()
+            except WorkerError as e:
+                self.drop(label, str(e))
+
+    def ask(self, label: str, prompt: str, max_tokens: int) -> dict | None:
+        try:
+            return self.running[label].generate(prompt, max_tokens)
+        except WorkerError as e:
+            self.drop(label, str(e))
+            return None
+
+    def drop(self, label: str, reason: str) -> None:
+        self.console.print(f"[yellow]skipping {label}[/]: {reason}")
+        self.skipped[label] = reason
+        worker = self.running.pop(label, None)
+        if worker is not None:
+            worker.close()
+
+    def close(self) -> None:
+        for worker in self.running.values():
+            worker.close()
+
+
+def measure(workers: Workers, requests: list[Request], warmup: str, max_tokens: int,
+            repeat: int, stop_ids: frozenset[int]) -> list[Measurement]:
+    """Interleave configurations turn by turn; reverse their order every other repetition."""
+    for label in list(workers.running):  # warm-up: caches, cost probe, drafter memory
+        workers.ask(label, warmup, WARMUP_TOKENS)
     rows: list[Measurement] = []
     for r in range(repeat):
-        order = configs if r % 2 == 0 else configs[::-1]
-        for i, prompt in enumerate(prompts, start=1):
-            console.log(f"repeat {r + 1}/{repeat} prompt {i}/{len(prompts)} ({prompt.category})")
-            for config in order:
-                rows.extend(_run_prompt(engine, prompt, config, max_tokens, r))
+        for i, request in enumerate(requests, start=1):
+            workers.console.log(f"repeat {r + 1}/{repeat} turn {i}/{len(requests)} "
+                                f"({request.prompt.category})")
+            order = list(workers.running)
+            for label in order if r % 2 == 0 else order[::-1]:
+                reply = workers.ask(label, request.text, max_tokens)
+                if reply is not None:
+                    rows.append(to_measurement(reply, request, r, label, stop_ids))
     return rows
 
 
-def summarize(rows: list[Measurement], configs: list[str]) -> list[dict]:
-    """Per category and configuration: tokens/s, ratio to plain, acceptance, agreement."""
-    plain = {(m.prompt_id, m.turn, m.repeat): m.token_ids for m in rows if m.config == BASELINE}
+def _speeds(ms: list[Measurement]) -> tuple[float, float]:
+    """Decode tokens/s (after the first token) and end-to-end tokens/s over ``ms``."""
+    decode = sum(max(m.new_tokens - 1, 0) for m in ms) / max(sum(m.decode_s for m in ms), 1e-9)
+    e2e = sum(m.new_tokens for m in ms) / max(sum(m.e2e_s for m in ms), 1e-9)
+    return decode, e2e
+
+
+def _agreement(ms: list[Measurement], index: dict, other: str, attr: str) -> float | None:
+    """Fraction of ``ms`` whose ``attr`` equals configuration ``other``'s on the same turn."""
+    pairs = [(m, index.get((other, m.prompt_id, m.turn, m.repeat))) for m in ms]
+    same = [getattr(m, attr) == getattr(o, attr) for m, o in pairs if o is not None]
+    return sum(same) / len(same) if same else None
+
+
+def summarize(rows: list[Measurement], configs: list[str], baseline: str = BASELINE,
+              reference: str = RATIO_REFERENCE) -> list[dict]:
+    """Per category and configuration: speeds, ratios, acceptance, cost, memory, agreement.
+
+    ``ratio`` is decode speed relative to ``reference`` (llama.cpp plain decoding through
+    llama-cpp-python; the baseline where it did not run), ``ratio_plain`` relative to the
+    baseline (edgespec plain). ``agreement`` is the share of turns whose tokens equal the
+    baseline's, ``agreement_own`` equal to the same engine's plain decoding.
+    """
+    index = {(m.config, m.prompt_id, m.turn, m.repeat): m for m in rows}
     groups: dict[tuple[str, str], list[Measurement]] = defaultdict(list)
     for m in rows:
         groups[(m.category, m.config)].append(m)
-        groups[("ALL", m.config)].append(m)
-    speed = {k: sum(m.new_tokens - 1 for m in v) / max(sum(m.decode_s for m in v), 1e-9)
-             for k, v in groups.items()}
+        groups[(ALL, m.config)].append(m)
+    speed = {k: _speeds(v) for k, v in groups.items()}
+    categories = sorted({c for c, _ in groups if c != ALL}) + [ALL]
     table = []
-    categories = sorted({c for c, _ in groups if c != "ALL"}) + ["ALL"]
     for category in categories:
+        ref = reference if (category, reference) in speed else baseline
         for config in configs:
             ms = groups.get((category, config))
             if not ms:
                 continue
-            steps = sum(m.steps for m in ms)
-            same = [plain.get((m.prompt_id, m.turn, m.repeat)) == m.token_ids for m in ms]
+            decode, e2e = speed[(category, config)]
+            steps = max(sum(m.steps for m in ms), 1)
+            drafts = [m.draft_nodes_per_step * m.steps for m in ms
+                      if m.draft_nodes_per_step is not None]
             table.append({
-                "category": category, "config": config,
-                "tokens_per_s": speed[(category, config)],
-                "ratio": speed[(category, config)] / speed[(category, BASELINE)],
-                "accepted_per_step": sum(m.accepted_per_step * m.steps for m in ms) / max(steps, 1),
-                "draft_nodes_per_step": sum(m.draft_nodes_per_step * m.steps for m in ms)
-                / max(steps, 1),
-                "agreement": sum(same) / len(same),
+                "category": category, "config": config, "turns": len(ms),
+                "new_tokens": sum(m.new_tokens for m in ms) / len(ms),
+                "tokens_per_s": decode, "e2e_tokens_per_s": e2e,
+                "ttft_ms": 1000 * sum(m.ttft_s for m in ms) / len(ms),
+                "ratio": decode / speed[(category, ref)][0],
+                "ratio_e2e": e2e / speed[(category, ref)][1],
+                "ratio_plain": decode / speed[(category, baseline)][0]
+                if (category, baseline) in speed else None,
+                "accepted_per_step": sum(m.accepted_per_step * m.steps for m in ms) / steps,
+                "draft_nodes_per_step": sum(drafts) / steps if drafts else None,
+                "step_ms": 1000 * sum(m.decode_s for m in ms) / steps,
                 "peak_rss_mib": max(m.peak_rss_bytes for m in ms) / 2**20,
+                "agreement": _agreement(ms, index, baseline, "token_ids"),
+                "agreement_own": None if plain_of(config) == config
+                else _agreement(ms, index, plain_of(config), "token_ids"),
+                "same_input": _agreement(ms, index, baseline, "prompt_ids"),
             })
     return table
 
 
-def divergences(engine: Engine, rows: list[Measurement]) -> list[dict]:
+def divergences(engine: Engine, rows: list[Measurement], configs: set[str] | None = None,
+                baseline: str = BASELINE) -> list[dict]:
     """Where a configuration's output left plain decoding's, and how close the call was.
 
     The margin is plain decoding's top-1 minus top-2 logit at the first differing token:
-    a numerical near-tie (a tiny margin) rather than a bug in speculation.
+    a numerical near-tie (a tiny margin) rather than a bug in speculation. Only meaningful
+    for ``configs`` that run the baseline's weights (default: every configuration).
     """
-    plain = {(m.prompt_id, m.turn, m.repeat): m for m in rows if m.config == BASELINE}
+    plain = {(m.prompt_id, m.turn, m.repeat): m for m in rows if m.config == baseline}
     found = []
     for m in rows:
         ref = plain.get((m.prompt_id, m.turn, m.repeat))
-        if m.config == BASELINE or ref is None or ref.token_ids == m.token_ids:
+        if (m.config == baseline or ref is None or ref.token_ids == m.token_ids
+                or (configs is not None and m.config not in configs)):
             continue
         i = next((k for k, (a, b) in enumerate(zip(ref.token_ids, m.token_ids)) if a != b),
                  min(len(ref.token_ids), len(m.token_ids)))
@@ -181,52 +327,67 @@ def divergences(engine: Engine, rows: list[Measurement]) -> list[dict]:
     return found
 
 
-def render(summary: list[dict], console: Console) -> None:
-    table = Table(title="edgespec bench: decode tokens/s, ratio to plain decoding")
-    for col in ("category", "config", "tok/s", "ratio", "tok/step", "nodes/step", "same output"):
-        table.add_column(col, justify="left" if col in ("category", "config") else "right")
-    for row in summary:
-        table.add_row(row["category"], row["config"], f"{row['tokens_per_s']:.1f}",
-                      f"{row['ratio']:.2f}x", f"{row['accepted_per_step']:.2f}",
-                      f"{row['draft_nodes_per_step']:.1f}", f"{row['agreement']:.0%}")
-    console.print(table)
+def build_configs(options: BenchOptions, backends: list[str]) -> tuple[list[Config], dict]:
+    """edgespec's (backend, draft) pairs, baseline first, then the installed peers."""
+    drafts = ["none", *(d for d in options.drafts if d != "none")]
+    configs = [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size)
+               for b in backends for d in drafts]
+    skipped = {}
+    for engine, variant in select_peers(options.peers):
+        reason = missing(engine)
+        if reason:
+            skipped[f"{engine}:{variant}"] = reason
+        else:
+            configs.append(peer_config(engine, variant, {"ctx": options.ctx}))
+    return configs, skipped
 
 
-def markdown(summary: list[dict], meta: dict) -> str:
-    lines = [f"Model `{meta['model']}`, backend `{meta['backend']}`, {meta['threads']} threads, "
-             f"{meta['max_tokens']} new tokens per turn, {meta['repeat']} repeat(s), "
-             f"{meta['machine']}.", "",
-             "| category | config | tok/s | ratio | tok/step | nodes/step | same output |",
-             "|---|---|---|---|---|---|---|"]
-    for r in summary:
-        lines.append(f"| {r['category']} | {r['config']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ratio']:.2f}× | {r['accepted_per_step']:.2f} | "
-                     f"{r['draft_nodes_per_step']:.1f} | {r['agreement']:.0%} |")
-    return "\n".join(lines) + "\n"
+def _meta(options: BenchOptions, model: Path, configs: list[Config], workers: Workers,
+          threads: int | None, ratio_to: str) -> dict:
+    return {
+        "model": model.name, "prompts": str(options.prompts), "threads": threads,
+        "ratio_to": ratio_to,
+        "max_tokens": options.max_tokens, "repeat": options.repeat,
+        "command": " ".join(["edgespec", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(),
+        "machine": bench_report.machine(),
+        "configs": {c.label: {"version": workers.versions.get(c.label),
+                              "weights": PRECISION[c.model_format],
+                              "options": c.options} for c in configs},
+        "skipped": workers.skipped,
+    }
 
 
 def run_bench(options: BenchOptions) -> list[dict]:
-    """Run the comparison and write ``results.json`` and ``summary.md`` into ``options.out``."""
+    """Run the comparison; write ``results.json``, ``summary.md`` and ``speedup.png``."""
     console = Console(stderr=True)
     prompts = read_prompts(options.prompts, options.categories, options.limit)
-    configs = [BASELINE] + [d for d in options.drafts if d != BASELINE]
-    with load(options.model, backend=options.backend, threads=options.threads, ctx=options.ctx,
-              tree_size=options.tree_size, draft=configs[-1]) as engine:
-        rows = measure(engine, prompts, configs, options.max_tokens, options.repeat, console)
-        diverged = divergences(engine, rows)
-        meta = {"model": str(options.model or "default (SmolLM2-135M-Instruct Q4_1)"),
-                "backend": engine.backend.name,
-                "threads": getattr(engine.backend, "threads", options.threads),
-                "max_tokens": options.max_tokens, "repeat": options.repeat,
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
-    summary = summarize(rows, configs)
-    render(summary, Console())
-    for d in diverged:
-        Console().print(f"prompt {d['prompt_id']} turn {d['turn']} ({d['config']}) diverged at "
-                        f"token {d['index']}: plain top-2 logit margin {d['margin']:.4f}")
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "results.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "divergences": diverged,
-         "measurements": [asdict(m) for m in rows]}, indent=1))
-    (options.out / "summary.md").write_text(markdown(summary, meta))
+    model = resolve_model(options.model)
+    backends = list(dict.fromkeys(runtimes.backend_for(model, b) for b in options.backends))
+    configs, skipped = build_configs(options, backends)
+    baseline = configs[0].label
+    with load(model, backend=backends[0], threads=options.threads, ctx=options.ctx,
+              draft="none") as engine:
+        console.log(f"rendering {len(prompts)} prompts (multi-turn: plain decoding's answers)")
+        requests = prepare_requests(engine, prompts, options.max_tokens)
+        warmup = render(engine, ["Say hello."], [])
+        stop_ids = engine.backend.tokenizer.eos_ids
+        threads = options.threads or getattr(engine.backend, "threads", None)
+        workers = Workers(skipped, console)
+        try:
+            workers.start(configs, model, threads=threads, stop_ids=sorted(stop_ids),
+                          logs=options.out / "logs")
+            rows = measure(workers, requests, warmup, options.max_tokens, options.repeat,
+                           stop_ids)
+        finally:
+            workers.close()
+        diverged = divergences(engine, rows, {c.label for c in configs if c.same_engine},
+                               baseline)
+    labels = [c.label for c in configs if any(m.config == c.label for m in rows)]
+    summary = summarize(rows, labels, baseline=baseline)
+    ratio_to = RATIO_REFERENCE if RATIO_REFERENCE in labels else baseline
+    results = {"meta": _meta(options, model, configs, workers, threads, ratio_to),
+               "summary": summary,
+               "divergences": diverged, "measurements": [asdict(m) for m in rows]}
+    bench_report.write(results, options.out, Console(width=max(Console().width, 180)))
     return summary

