@@ -22,7 +22,7 @@ from edgespec.drafting import Drafter, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
 from edgespec.models import resolve_model
-from edgespec.profiler import probe_verify_cost
+from edgespec.profiler import largest_exact_size, probe_verify_cost
 from edgespec.textstream import TextStream
 from edgespec.verify import SamplingParams
 from runtimes.base import Backend
@@ -160,11 +160,13 @@ class Engine:
         return self._drafters[name]
 
     def _decode_loop(self, speculative: bool) -> DecodeLoop:
-        """The loop, with a cost curve measured on first speculative use (~0.5 s)."""
+        """The loop, with a cost curve measured on first speculative use (~0.5 s) and trees
+        capped at the largest size the engine verifies bit-exactly (lossless output)."""
         if self._loop is None:
             self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1))
         if speculative and self._policy is None:
             self._loop.cached.clear()
+            self.tree_size = min(self.tree_size, largest_exact_size(self.backend))
             curve = CostCurve(probe_verify_cost(self.backend))
             self._policy = SpeculationPolicy(curve, self.tree_size, adaptive=self.adaptive)
             self._loop.policy = self._policy

