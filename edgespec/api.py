@@ -240,6 +240,7 @@ def load(
     ctx: int = 4096,
     tree_size: int | None = None,
     adaptive: bool = True,
+    device: str | None = None,
 ) -> Engine:
     """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) into an :class:`Engine`.
 
@@ -252,5 +253,7 @@ def load(
         raise UserError(f"threads must be at least 1 (got {threads})")
     path = resolve_model(model)
     options = {"n_ctx": ctx, "threads": threads}
+    if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
+        options["device"] = device
     return Engine(runtimes.open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
                   adaptive=adaptive)

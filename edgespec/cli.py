@@ -27,7 +27,9 @@ DraftOpt = Annotated[str, typer.Option("--draft", help=f"Drafter: {'|'.join(DRAF
 ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.")]
 CtxOpt = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")]
 TreeOpt = Annotated[int | None, typer.Option("--tree-size", help="Most tree nodes per step.")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto|llamacpp|reference.")]
+BackendOpt = Annotated[str, typer.Option("--backend",
+                                         help="auto|llamacpp|onnx|openvino|reference.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="CPU|GPU|NPU|AUTO.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -45,7 +47,7 @@ def _split_positionals(
         if model is not None:
             raise UserError("give the model either positionally or with -m, not both")
         return Path(first), second
-    looks_like_model = first.lower().endswith(MODEL_SUFFIXES) or Path(first).is_file()
+    looks_like_model = first.lower().endswith(MODEL_SUFFIXES) or Path(first).exists()
     if model is None and looks_like_model:
         return Path(first), None
     return model, first
@@ -118,6 +120,7 @@ def run(
     threads: ThreadsOpt = None,
     ctx_size: CtxOpt = 4096,
     backend: BackendOpt = "auto",
+    device: DeviceOpt = None,
     chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Chat template.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics line.")] = False,
@@ -130,7 +133,7 @@ def run(
         text = _read_prompt(positional_prompt if prompt is None else prompt, file)
         _check_numbers(max_tokens=max_tokens, tree_size=tree_size, threads=threads, temp=temp)
         with load(model_path, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
-                  tree_size=tree_size) as engine:
+                  tree_size=tree_size, device=device) as engine:
             use_chat = chat if chat is not None else bool(engine.backend.tokenizer.chat_template)
             if use_chat:
                 text = engine.render_chat([{"role": "user", "content": text}])

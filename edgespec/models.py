@@ -76,6 +76,4 @@ def resolve_model(path: str | Path | None) -> Path:
         return PACKAGED[str(path)]()
     if not p.exists():
         raise UserError(f"model not found: {p}")
-    if p.is_dir():
-        raise UserError(f"{p} is a directory; pass a .gguf file")
-    return p
+    return p  # a directory (an export, an HF folder) is the backend's to judge

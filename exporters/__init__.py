@@ -61,8 +61,9 @@ def export_model(
 ) -> list[Path]:
     """Export ``src`` to ``out`` in format ``to``; returns every path written (model, draft).
 
-    ONNX and OpenVINO keep an early-exit draft inside the export directory (its graph
-    shares the target's weight file); a GGUF draft is a second file beside ``out``.
+    ONNX and OpenVINO keep an early-exit draft inside the export directory (ONNX's graph
+    points into the target's weight file, OpenVINO's has its own ``exit{E}.bin``); a GGUF
+    draft is a second file beside ``out``.
     """
     src, out = Path(src), Path(out)
     if to not in FORMATS:
@@ -102,7 +103,7 @@ def _export_target(src: Path, out: Path, to: str, quant: str, exit_layer: int | 
     from exporters.openvino import export_openvino
 
     return export_openvino(src, out, quant=quant, early_exit=exit_layer, force=force,
-                           progress=lambda line: progress(line, 0, 1))
+                           progress=lambda line: progress(line, 1, 1))  # one line a stage
 
 
 def _export_draft(src: Path, out: Path, to: str, quant: str, draft: DraftSpec, force: bool,

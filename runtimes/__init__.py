@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from pathlib import Path
 
 from edgespec.errors import UserError
@@ -13,9 +14,12 @@ from runtimes.base import Backend, MemoryReport, TokenizerInfo
 BACKENDS = {
     "llamacpp": ("runtimes.llamacpp", "LlamaCppBackend"),
     "onnx": ("runtimes.onnxrt", "OnnxBackend"),
+    "openvino": ("runtimes.openvino", "OpenVinoBackend"),
     "reference": ("runtimes.reference", "ReferenceBackend"),
 }
-_BY_SUFFIX = {".gguf": ("llamacpp", "reference"), ".onnx": ("onnx",)}
+_BY_SUFFIX = {".gguf": ("llamacpp", "reference"), ".onnx": ("onnx",), ".xml": ("openvino",)}
+# an export directory names its engine in its manifest (edgespec.json "format")
+_BY_FORMAT = {"edgespec-onnx-decoder": "onnx", "edgespec-openvino-decoder": "openvino"}
 
 
 def backend_for(path: Path, requested: str = "auto") -> str:
@@ -24,6 +28,8 @@ def backend_for(path: Path, requested: str = "auto") -> str:
         if requested not in BACKENDS:
             raise UserError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
         return requested
+    if path.is_dir():
+        return _by_manifest(path)
     candidates = _BY_SUFFIX.get(path.suffix.lower())
     if candidates is None:
         raise UserError(f"{path}: unsupported model format {path.suffix!r}; pass a .gguf file")
@@ -31,6 +37,19 @@ def backend_for(path: Path, requested: str = "auto") -> str:
         if name != "llamacpp" or importlib.util.find_spec("llama_cpp") is not None:
             return name
     return candidates[-1]
+
+
+def _by_manifest(directory: Path) -> str:
+    """The backend of an edgespec export directory, from its manifest's format."""
+    try:
+        fmt = json.loads((directory / "edgespec.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt not in _BY_FORMAT:
+        raise UserError(f"{directory} is not an edgespec export (no edgespec.json naming "
+                        f"one of {', '.join(_BY_FORMAT)}); export it first "
+                        f"(edgespec export {directory} --to gguf -o model.gguf) or pass a .gguf")
+    return _BY_FORMAT[fmt]
 
 
 def open_backend(path: Path, backend: str = "auto", **options) -> Backend:

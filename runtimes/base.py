@@ -14,8 +14,17 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from edgespec.errors import UserError
+
 if TYPE_CHECKING:
     from edgespec.tree import TokenTree
+
+
+def require_cpu(device: str | None, engine: str) -> None:
+    """Refuse a ``--device`` other than CPU (or AUTO) for an engine built for the CPU only."""
+    if device is not None and device.upper() not in ("CPU", "AUTO"):
+        raise UserError(f"the {engine} backend runs on the CPU here (device {device} asked); "
+                        "use --backend onnx or openvino for other devices")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
-from runtimes.base import MemoryReport, TokenizerInfo
+from runtimes.base import MemoryReport, TokenizerInfo, require_cpu
 from runtimes.ggufinfo import GGUFInfo, read_gguf
 
 try:
@@ -83,9 +83,11 @@ class LlamaCppBackend:
         threads: int | None = None,
         max_tree_nodes: int = 64,
         n_batch: int = 512,
+        device: str | None = None,
     ) -> None:
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
+        require_cpu(device, "llama.cpp")
         self.info: GGUFInfo = read_gguf(path)
         self._log = log_capture()
         self._log.lines.clear()

@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -60,6 +60,46 @@ def default_threads() -> int:
     import psutil
 
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+def export_on_the_fly(src: Path, export_dir: str | Path | None,
+                      export: Callable[..., Path], prefix: str) -> tuple[Path, Path | None]:
+    """``export(src, dir)`` into ``export_dir``, or into a new temporary directory.
+
+    Returns the export and the temporary directory (None if ``export_dir`` was given),
+    which the backend deletes when it closes; a failed export deletes it at once.
+    """
+    if export_dir is not None:
+        return export(src, export_dir), None
+    temp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return export(src, temp / "model"), temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+# execution providers that run on each device, in order of preference
+DEVICE_PROVIDERS = {
+    "GPU": ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider",
+            "CoreMLExecutionProvider"),
+    "NPU": ("QNNExecutionProvider", "NnapiExecutionProvider", "VitisAIExecutionProvider"),
+    "CPU": ("CPUExecutionProvider",),
+}
+
+
+def provider_for(device: str, present: Sequence[str]) -> str:
+    """The installed execution provider for ``device``; AUTO prefers GPU, then NPU, then CPU."""
+    device = device.upper()
+    wanted = [p for d in ("GPU", "NPU", "CPU") for p in DEVICE_PROVIDERS[d]] if device == "AUTO" \
+        else DEVICE_PROVIDERS.get(device)
+    if wanted is None:
+        raise UserError(f"unknown device {device!r}; choose CPU, GPU, NPU or AUTO")
+    for provider in wanted:
+        if provider in present:
+            return provider
+    raise UserError(f"no ONNX Runtime execution provider for {device} here; present: "
+                    f"{', '.join(present)}")
 
 
 def _session(path: Path, threads: int, provider: str) -> ort.InferenceSession:
@@ -141,16 +181,20 @@ class OnnxBackend:
         prefill_chunk: int = 256,
         export_dir: str | Path | None = None,
         batch_invariant: bool = True,
+        device: str | None = None,
     ) -> None:
         """Open an edgespec ONNX export (its directory or its ``model.onnx``).
 
         A GGUF file or HF folder is exported to float32 first, into ``export_dir`` (kept) or
         a temporary directory removed by :meth:`close`; ``edgespec export`` avoids redoing it.
         ``batch_invariant=False`` gives up bit-exact speculation for faster plain steps.
+        ``device`` (CPU, GPU, NPU, AUTO) picks the execution provider instead of ``provider``.
         """
         if ort is None:
             raise UserError("the ONNX backend needs onnxruntime; install edgespec[onnx]")
         present = ort.get_available_providers()
+        if device is not None:
+            provider = provider_for(device, present)
         if provider not in present:
             raise UserError(f"execution provider {provider} is not available; present: "
                             f"{', '.join(present)}")
@@ -188,10 +232,7 @@ class OnnxBackend:
             return path, path / MODEL_FILE
         from exporters.onnx import export_onnx
 
-        if export_dir is None:
-            self._temp = Path(tempfile.mkdtemp(prefix="edgespec-onnx-"))
-            export_dir = self._temp / "model"
-        out = export_onnx(path, export_dir, force=self._temp is not None)
+        out, self._temp = export_on_the_fly(path, export_dir, export_onnx, "edgespec-onnx-")
         return out, out / MODEL_FILE
 
     def _manifest(self) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from runtimes import reference_ops as ops
-from runtimes.base import MemoryReport, TokenizerInfo
+from runtimes.base import MemoryReport, TokenizerInfo, require_cpu
 from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_tokenizer
 from runtimes.weights import (
     DEFAULT_BUDGET_BYTES,
@@ -86,12 +86,14 @@ class ReferenceBackend:
         threads: int | None = None,
         batch_invariant: bool = True,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        device: str | None = None,
     ) -> None:
         """Load a GGUF file or HF folder, refusing it if its float32 weights exceed the budget.
 
         ``threads`` caps numpy's BLAS pool during each forward pass (through threadpoolctl
         when installed): on a busy 2-core device an uncapped pool can make a step 10× slower.
         """
+        require_cpu(device, "reference")
         path = Path(model_path)
         if not path.exists():
             raise UserError(f"model not found: {path}")

@@ -27,6 +27,8 @@ BACKENDS = [
     pytest.param("onnx", marks=pytest.mark.skipif(
         importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
         reason="onnxruntime or onnx not installed")),
+    pytest.param("openvino", marks=pytest.mark.skipif(
+        importlib.util.find_spec("openvino") is None, reason="openvino not installed")),
 ]
 PROMPT = "The lighthouse keeper climbed the stairs every evening to light the lamp."
 # llama.cpp evaluates a batch with other kernels than one token; the tiny model is F16,

@@ -93,3 +93,29 @@ def test_bad_numbers_and_names(args: tuple[str, str]) -> None:
 
 def test_directory_as_model(tmp_path: Path) -> None:
     assert_user_error(edgespec("run", str(tmp_path), "hi"), "directory")
+
+
+def test_a_device_the_backend_cannot_use_is_named(tiny_gguf: Path) -> None:
+    r = edgespec("run", str(tiny_gguf), "--device", "NPU", "-p", "Hi", "-n", "2")
+    assert_user_error(r, "llama.cpp", "NPU")
+
+
+def test_onnx_device_maps_to_an_installed_provider_or_lists_them() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from runtimes.onnxrt import provider_for
+
+    present = ort.get_available_providers()
+    assert provider_for("cpu", present) == "CPUExecutionProvider"
+    assert provider_for("AUTO", ["CPUExecutionProvider"]) == "CPUExecutionProvider"
+    assert provider_for("GPU", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == \
+        "CUDAExecutionProvider"
+    with pytest.raises(UserError, match="present: CPUExecutionProvider"):
+        provider_for("NPU", ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="unknown device"):
+        provider_for("TPU", present)
+
+
+def test_a_folder_that_is_no_export_says_how_to_make_one(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    r = edgespec("run", str(tmp_path), "-p", "Hi")
+    assert_user_error(r, "not an edgespec export", "edgespec export")

@@ -43,7 +43,7 @@ def test_onnx_export_directory_runs(tiny_gguf: Path, tmp_path: Path) -> None:
                  "--draft", "early-exit:1", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert (out / "model.onnx").is_file() and (out / "exit1.onnx").is_file()
-    run = edgespec("run", str(out / "model.onnx"), "--raw", "-p", "Hello", "-n", "4", "--quiet")
+    run = edgespec("run", str(out), "--raw", "-p", "Hello", "-n", "4", "--quiet")  # the dir
     assert run.returncode == 0, run.stderr
 
 

@@ -33,7 +33,7 @@ class Config:
     adapter: str
     options: dict = field(hash=False)
     python: Path
-    model_format: str = "gguf"  # gguf | openvino | ortgenai (see edgespec.peers.exports)
+    model_format: str = "gguf"  # a key of edgespec.peers.exports.EXPORTERS, or gguf
     same_engine: bool = False  # llama.cpp on the baseline's own GGUF
 
     @property
@@ -87,7 +87,12 @@ def edgespec_config(backend: str, draft: str, *, ctx: int, tree_size: int | None
     variant = PLAIN if draft == "none" else draft
     return Config(f"edgespec-{backend}:{variant}", "edgespec",
                   {"backend": backend, "draft": draft, "ctx": ctx, "tree_size": tree_size},
-                  Path(sys.executable), same_engine=backend == "llamacpp")
+                  Path(sys.executable), EDGESPEC_FORMATS.get(backend, "gguf"),
+                  same_engine=backend == "llamacpp")
+
+
+# what edgespec's own non-GGUF backends load: the GGUF exported by `edgespec export`
+EDGESPEC_FORMATS = {"onnx": "edgespec-onnx", "openvino": "edgespec-openvino"}
 
 
 def select_peers(spec: str) -> list[tuple[str, str]]:

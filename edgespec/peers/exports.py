@@ -76,8 +76,25 @@ def _ortgenai(gguf: Path, folder: Path) -> Path:
         "-o", str(out), "-p", "int4", "-e", "cpu"])
 
 
-EXPORTERS: dict[str, Callable[[Path, Path], Path]] = {"openvino": _openvino, "ortgenai": _ortgenai}
+def _edgespec(to: str, quant: str) -> Callable[[Path, Path], Path]:
+    """edgespec's own exporter, in this process (it is atomic: a finished export exists)."""
+    def export(gguf: Path, folder: Path) -> Path:
+        from exporters import export_model
+
+        out = folder / f"edgespec-{to}-{quant}"
+        if not out.exists():
+            export_model(gguf, out, to=to, quant=quant)
+        return out
+    return export
+
+
+EXPORTERS: dict[str, Callable[[Path, Path], Path]] = {
+    "openvino": _openvino, "ortgenai": _ortgenai,
+    "edgespec-onnx": _edgespec("onnx", "int4"), "edgespec-openvino": _edgespec("openvino", "int8"),
+}
 
 # how each export's weights are stored, for the report
 PRECISION = {"gguf": "the GGUF as is", "openvino": "int8 (optimum-cli --weight-format int8)",
-             "ortgenai": "int4 (model builder -p int4)"}
+             "ortgenai": "int4 (model builder -p int4)",
+             "edgespec-onnx": "int4 (edgespec export --to onnx --quant int4)",
+             "edgespec-openvino": "int8 (edgespec export --to openvino --quant int8)"}

@@ -1,0 +1,178 @@
+"""The edgespec OpenVINO decoder graph, built with the ``openvino.opset*`` API from numpy weights.
+
+Why not convert the ONNX export: OpenVINO 2026.4's ONNX frontend refuses its
+GroupQueryAttention (7-16 inputs, ours has 17: ``query_seqlens``) and, in the quantized
+exports, its SkipSimplifiedLayerNormalization; nor would GQA's in-place shared buffers
+carry over. (An ONNX export is read back as weights instead: exporters/onnx_weights.py.)
+Here the KV cache lives in buffers the runtime
+owns, one per layer and kind, laid out slot-major ``[capacity, n_kv, head_dim]`` so that the
+first ``P`` slots are a *contiguous* prefix the runtime hands to OpenVINO without a copy:
+
+* inputs ``input_ids, position_ids [1, n]``, ``attn_mask [1, 1, n, P + n]`` (additive, 0 or
+  -inf: which cached slots and which new tokens each new token sees — a token tree),
+  ``logits_rows [m]`` and ``past_key_i / past_value_i [1, P, n_kv, head_dim]``;
+* outputs ``logits [1, m, vocab]`` and only the new rows' ``new_key_i / new_value_i
+  [1, n, n_kv, head_dim]`` (after RoPE), which the runtime writes into its buffers.
+
+RoPE is applied from ``position_ids`` through cos/sin tables, so positions are free of
+slots (a tree node sits at ``n_past + depth``). The q/k rows of every head are permuted from
+GGUF's adjacent-pair layout to the half-split layout (the dot products are unchanged), so
+RoPE is one split and one concat instead of strided gathers. Attention is one
+ScaledDotProductAttention per layer with the query group folded into the query rows
+(``[1, n_kv, group * n, d]``), which is grouped-query attention without repeating K/V
+(the CPU plugin compiles it, with the mask and softmax, into one fused kernel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as op
+
+from edgespec.errors import UserError
+from runtimes.reference_ops import rope_angles
+from runtimes.weights import LlamaConfig, LlamaWeights
+
+
+def rope_tables(w: LlamaWeights, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin ``[n_positions, head_dim/2]``, exactly the reference's (float64 angles)."""
+    cos, sin = rope_angles(w.config, np.arange(n_positions), w.rope_freq_factors)
+    return cos[:, 0], sin[:, 0]
+
+
+def half_split_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder each head's rows ``(0, 1, 2, 3, …)`` → ``(0, 2, …, 1, 3, …)`` (pairs → halves)."""
+    out, d = w.shape[1], w.shape[0] // n_heads
+    order = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+    return w.reshape(n_heads, d, out)[:, order].reshape(n_heads * d, out)
+
+
+def _const(array: np.ndarray | list, dtype: type = np.int64) -> ov.Node:
+    return op.constant(np.asarray(array, dtype=dtype))
+
+
+class _Builder:
+    """The inputs, outputs and weight constants of one graph under construction."""
+
+    def __init__(self, w: LlamaWeights, weight_dtype: type) -> None:
+        self.w, self.cfg, self.weight_dtype = w, w.config, weight_dtype
+        self.group = self.cfg.n_head // self.cfg.n_head_kv
+        self.inputs: dict[str, ov.Node] = {}
+        self.outputs: list[ov.Output] = []
+
+    def param(self, name: str, shape: list[int], dtype: ov.Type) -> ov.Node:
+        node = op.parameter(ov.PartialShape(shape), dtype, name=name)
+        node.output(0).get_tensor().set_names({name})
+        self.inputs[name] = node
+        return node
+
+    def result(self, name: str, value: ov.Output) -> None:
+        value.get_tensor().set_names({name})
+        self.outputs.append(value)
+
+    def matrix(self, w: np.ndarray) -> ov.Node:
+        """``[out, in]`` weight, stored as ``weight_dtype`` (f16 ⇒ a Convert OpenVINO folds)."""
+        node = op.constant(np.ascontiguousarray(w, dtype=self.weight_dtype))
+        return node if self.weight_dtype == np.float32 else op.convert(node, ov.Type.f32)
+
+    def linear(self, x: ov.Output, w: np.ndarray | ov.Node) -> ov.Node:
+        weight = w if isinstance(w, ov.Node) else self.matrix(w)
+        return op.matmul(x, weight, transpose_a=False, transpose_b=True)
+
+    def rms_norm(self, x: ov.Output, gamma: np.ndarray) -> ov.Node:
+        """The pattern OpenVINO's RMS fusion recognises: x * 1/sqrt(mean(x²) + eps) * gamma."""
+        mean = op.reduce_mean(op.power(x, _const(2.0, np.float32)), _const([-1]), keep_dims=True)
+        inv = op.divide(_const(1.0, np.float32),
+                        op.sqrt(op.add(mean, _const(self.cfg.rms_eps, np.float32))))
+        return op.multiply(op.multiply(x, inv), _const(gamma.reshape(1, 1, -1), np.float32))
+
+    def rope_rows(self, tables: tuple[np.ndarray, np.ndarray]) -> tuple[ov.Node, ov.Node]:
+        """cos/sin ``[1, n, 1, head_dim]`` at the input positions, from ``[n_pos, d/2]`` tables."""
+        rows = []
+        for table in tables:
+            full = np.concatenate([table, table], axis=-1)  # half-split layout
+            rows.append(op.unsqueeze(op.gather(_const(full, np.float32),
+                                               self.inputs["position_ids"], _const(0)),
+                                     _const([2])))
+        return rows[0], rows[1]
+
+    def rope(self, x: ov.Output, cos: ov.Node, sin: ov.Node) -> ov.Node:
+        """``x * cos + rotate_half(x) * sin`` on ``[1, n, heads, head_dim]``."""
+        half = self.cfg.head_dim // 2
+        first, second = op.variadic_split(x, _const(-1), _const([half, half])).outputs()
+        rotated = op.concat([op.negative(second), first], -1)
+        return op.add(op.multiply(x, cos), op.multiply(rotated, sin))
+
+    def attention(self, i: int, h: ov.Output, rope: tuple[ov.Node, ov.Node],
+                  mask: ov.Node) -> ov.Node:
+        """QKV, RoPE, SDPA over ``past + new`` rows; the new K/V rows become outputs."""
+        cfg, lw = self.cfg, self.w.layers[i]
+        nh, nkv, d, g = cfg.n_head, cfg.n_head_kv, cfg.head_dim, self.group
+        wqkv = np.concatenate([half_split_rows(lw.wq, nh), half_split_rows(lw.wk, nkv), lw.wv])
+        qkv = self.linear(h, wqkv)
+        q, k, v = op.variadic_split(qkv, _const(-1), _const([nh * d, nkv * d, nkv * d])).outputs()
+        q = self.rope(op.reshape(q, _const([0, 0, nh, d]), special_zero=True), *rope)
+        k = self.rope(op.reshape(k, _const([0, 0, nkv, d]), special_zero=True), *rope)
+        v = op.reshape(v, _const([0, 0, nkv, d]), special_zero=True)
+        heads = []
+        for kind, new in (("key", k), ("value", v)):
+            self.result(f"new_{kind}_{i}", new.output(0))
+            past = self.param(f"past_{kind}_{i}", [1, -1, nkv, d], ov.Type.f32)
+            both = op.concat([past, new], 1)
+            heads.append(op.transpose(both, _const([0, 2, 1, 3])))
+        # [1, n, nkv, g, d] → [1, nkv, g * n, d]: query group folded into the rows
+        qg = op.transpose(op.reshape(q, _const([0, 0, nkv, g, d]), special_zero=True),
+                          _const([0, 2, 3, 1, 4]))
+        qg = op.reshape(qg, _const([0, nkv, -1, d]), special_zero=True)
+        scale = _const(1.0 / np.sqrt(d), np.float32)
+        att = op.scaled_dot_product_attention(qg, heads[0], heads[1], mask, scale)
+        att = op.transpose(op.reshape(att, _const([0, nkv, g, -1, d]), special_zero=True),
+                           _const([0, 3, 1, 2, 4]))
+        return self.linear(op.reshape(att, _const([0, -1, nh * d]), special_zero=True), lw.wo)
+
+    def mlp(self, i: int, h: ov.Output) -> ov.Node:
+        """SwiGLU, gate and up in one product."""
+        lw = self.w.layers[i]
+        gate_up = self.linear(h, np.concatenate([lw.w_gate, lw.w_up]))
+        gate, up = op.split(gate_up, _const(-1), 2).outputs()
+        return self.linear(op.multiply(op.swish(gate), up), lw.w_down)
+
+
+def _check_supported(cfg: LlamaConfig) -> None:
+    if cfg.rope_dim != cfg.head_dim:
+        raise UserError(f"the OpenVINO exporter needs RoPE over the whole head (rope_dim "
+                        f"{cfg.rope_dim} != head_dim {cfg.head_dim})")
+    if cfg.n_head % cfg.n_head_kv:
+        raise UserError(f"{cfg.n_head} query heads do not divide into {cfg.n_head_kv} kv heads")
+
+
+def build_decoder(w: LlamaWeights, rope: tuple[np.ndarray, np.ndarray], *,
+                  n_layers: int | None = None, weight_dtype: type = np.float32) -> ov.Model:
+    """The decoder of the first ``n_layers`` blocks (all by default) + final norm + LM head.
+
+    ``rope`` are the cos/sin tables (:func:`rope_tables`); ``weight_dtype`` float16 stores
+    the matrices at half size (OpenVINO decompresses them into the device's precision).
+    The K/V tensors are float32; the runtime may turn them into float16 when it compiles.
+    """
+    cfg = w.config
+    _check_supported(cfg)
+    n_layers = cfg.n_layer if n_layers is None else n_layers
+    b = _Builder(w, weight_dtype)
+    ids = b.param("input_ids", [1, -1], ov.Type.i64)
+    b.param("position_ids", [1, -1], ov.Type.i64)
+    mask = b.param("attn_mask", [1, 1, -1, -1], ov.Type.f32)
+    rows = b.param("logits_rows", [-1], ov.Type.i64)
+    mask = op.tile(mask, _const([1, 1, b.group, 1]))  # one row per folded query head
+    rope = b.rope_rows(rope)
+    embed = b.matrix(w.embed)
+    x = op.gather(embed, ids, _const(0))
+    for i in range(n_layers):
+        lw = w.layers[i]
+        x = op.add(x, b.attention(i, b.rms_norm(x, lw.attn_norm), rope, mask))
+        x = op.add(x, b.mlp(i, b.rms_norm(x, lw.ffn_norm)))
+    h = op.gather(b.rms_norm(x, w.out_norm), rows, _const(1))
+    head = embed if w.lm_head is w.embed else w.lm_head
+    b.result("logits", b.linear(h, head).output(0))
+    params = [b.inputs[n] for n in ("input_ids", "position_ids", "attn_mask", "logits_rows")]
+    params += [p for name, p in b.inputs.items() if name.startswith("past_")]
+    return ov.Model(b.outputs, params, "edgespec_decoder")

@@ -1,0 +1,355 @@
+"""Backend on OpenVINO, running edgespec's tree-capable decoder IR (exporters/openvino_graph.py).
+
+The KV cache is numpy: per layer and kind one ``[1, capacity, n_kv, head_dim]`` buffer,
+slot-major, so the first ``P`` slots are a contiguous prefix. Each call hands OpenVINO
+that prefix as ``past_*`` and the next ``n`` slots as the ``new_*`` outputs — both
+``ov.Tensor`` views sharing the buffers' memory — so nothing is copied in or out and the
+graph writes only the new rows, straight into their slots. (Inside the graph, attention
+still concatenates past and new rows per layer: an O(P) copy that grows with the context.)
+
+Slots and positions are decoupled exactly as in runtimes/onnxrt.py: a tree is verified
+at slot ``n_past`` (best-scored path in consecutive slots), its RoPE positions are
+``n_past + depth``, ``attn_mask`` says which slots each node sees, and :meth:`commit`
+keeps the best path by moving ``n_past``.
+
+Exactness (``batch_invariant``, on by default), measured on SmolLM2 with OpenVINO 2026.4's
+CPU plugin: a row's logits are bit-identical in every batch of 4 rows or more, but
+batches of 1–3 rows take other kernels (with int8/int4 weights, dynamically quantized
+activations: logits move by ~0.45). So calls of fewer than :data:`MIN_ROWS` tokens are
+padded with throw-away rows nobody sees (scratch slots), and an accepted path that is not
+the best-scored one is recomputed as a chain, since its rows were summed with gaps.
+Padding makes int8/int4 plain steps ~15-20% slower (the 1-3-row kernels are the faster
+ones); ``batch_invariant=False`` trades exactness for that speed.
+
+KV precision: ``f32`` buffers, or ``f16`` (half the memory; OpenVINO converts at the
+graph's edge). OpenVINO's own ``KV_CACHE_PRECISION`` (u8, grouped) applies to caches that
+live *inside* a stateful model; this cache lives in the runtime's buffers, so u8 is not
+offered.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+
+from edgespec.errors import UserError
+from edgespec.tree import TokenTree
+from exporters.openvino import EXPORT_HINT, FORMAT, MANIFEST, MODEL_FILE, REQUIRED_INPUTS
+from runtimes.base import MemoryReport
+from runtimes.onnxrt import _mask, default_threads, export_on_the_fly
+from runtimes.reference_tokenizer import hf_tokenizer
+
+try:
+    import openvino as ov
+except ImportError:  # pragma: no cover - exercised only without the openvino extra
+    ov = None
+
+KV_PRECISIONS = {"f32": np.float32, "f16": np.float16}
+MIN_ROWS = 4  # fewer rows take other CPU kernels (see the module docstring)
+
+
+def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
+    """The IR with its K/V ports in the buffers' dtype; refuses a graph not made for trees."""
+    try:
+        model = core.read_model(path)
+    except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+        raise UserError(f"OpenVINO cannot read {path}: {e}") from e
+    names = {name for port in model.inputs for name in port.get_names()}
+    missing = [n for n in REQUIRED_INPUTS if n not in names]
+    if missing:
+        raise UserError(
+            f"{path} lacks the inputs edgespec needs ({', '.join(missing)}): it was not exported "
+            f"for tree verification; export one with `{EXPORT_HINT}`"
+        )
+    if kv_precision == "f32":
+        return model
+    ppp = ov.preprocess.PrePostProcessor(model)
+    for port in model.inputs:
+        if port.get_any_name().startswith("past_"):
+            ppp.input(port.get_any_name()).tensor().set_element_type(ov.Type.f16)
+    for port in model.outputs:
+        if port.get_any_name().startswith("new_"):
+            ppp.output(port.get_any_name()).tensor().set_element_type(ov.Type.f16)
+    return ppp.build()
+
+
+def _pad(tokens: Sequence[int], depth: Sequence[int],
+         visible: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
+    """``MIN_ROWS`` rows: the real ones, then copies of the last that only see themselves."""
+    n, extra = len(tokens), MIN_ROWS - len(tokens)
+    padded = np.eye(MIN_ROWS, dtype=bool)
+    padded[:n, :n] = visible
+    return [*tokens, *[tokens[-1]] * extra], [*depth, *[depth[-1]] * extra], padded
+
+
+class _Graph:
+    """One compiled model (full or early exit) and its infer request, fed from the buffers."""
+
+    def __init__(self, compiled: ov.CompiledModel) -> None:
+        self.request = compiled.create_infer_request()
+        self.inputs = {p.get_any_name(): i for i, p in enumerate(compiled.inputs)}
+        self.outputs = {p.get_any_name(): i for i, p in enumerate(compiled.outputs)}
+        self.n_layers = sum(1 for name in self.inputs if name.startswith("past_key_"))
+
+    def run(self, feeds: dict[str, np.ndarray], keys: list[np.ndarray],
+            values: list[np.ndarray], offset: int) -> np.ndarray:
+        """Logits ``[m, vocab]`` (a copy); K/V of the new rows land in slots ``offset..``."""
+        n = feeds["input_ids"].shape[1]
+        request = self.request
+        for name, array in feeds.items():
+            request.set_input_tensor(self.inputs[name], ov.Tensor(array))
+        for i in range(self.n_layers):
+            for kind, buffers in (("key", keys), ("value", values)):
+                past, new = buffers[i][:, :offset], buffers[i][:, offset : offset + n]
+                request.set_input_tensor(self.inputs[f"past_{kind}_{i}"],
+                                         ov.Tensor(past, shared_memory=True))
+                request.set_output_tensor(self.outputs[f"new_{kind}_{i}"],
+                                          ov.Tensor(new, shared_memory=True))
+        request.infer()
+        return request.get_output_tensor(self.outputs["logits"]).data[0].copy()
+
+
+class OpenVinoBackend:
+    """The :class:`~runtimes.base.Backend` protocol on OpenVINO (KV in shared numpy buffers)."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        device: str = "CPU",
+        kv_precision: str = "f32",
+        precision: str | None = "f32",
+        max_tree_nodes: int = 64,
+        prefill_chunk: int = 256,
+        export_dir: str | Path | None = None,
+        batch_invariant: bool = True,
+        properties: dict | None = None,
+    ) -> None:
+        """Open an edgespec OpenVINO export (its directory or its ``openvino_model.xml``).
+
+        A GGUF file, HF folder or edgespec ONNX export is exported (fp16) first, into
+        ``export_dir`` (kept) or a temporary directory :meth:`close` removes.
+        ``precision`` is OpenVINO's INFERENCE_PRECISION_HINT (``f32`` for exact results,
+        None for the device's default, e.g. bf16); ``batch_invariant=False`` gives up bit-exact
+        speculation (no padding; an accepted non-best branch's rows are moved, not
+        recomputed). ``properties`` go to ``compile_model`` on top of the defaults.
+        """
+        if ov is None:
+            raise UserError("the OpenVINO backend needs openvino; install edgespec[openvino]")
+        if kv_precision not in KV_PRECISIONS:
+            raise UserError(f"unknown KV precision {kv_precision!r}; choose one of "
+                            f"{', '.join(KV_PRECISIONS)}")
+        self._core = ov.Core()
+        present = self._core.available_devices
+        if device.split(".")[0].split(":")[0] not in {d.split(".")[0] for d in present}:
+            raise UserError(f"OpenVINO device {device} is not available; present: "
+                            f"{', '.join(present)}")
+        self._temp: Path | None = None
+        self.dir, self._model_file = self._resolve(Path(path), export_dir)
+        self.threads = threads or default_threads()
+        self._config = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.startswith("CPU"):
+            self._config["INFERENCE_NUM_THREADS"] = self.threads
+        if precision is not None:
+            self._config["INFERENCE_PRECISION_HINT"] = precision
+        self._config |= properties or {}
+        self.device, self.kv_precision = device, kv_precision
+        self.batch_invariant = batch_invariant
+        self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
+        self._main = self._compile(self._model_file)  # checks the graph's inputs first
+        meta = self._manifest()
+        self.encoder, self.tokenizer = hf_tokenizer(self.dir, meta)
+        self.vocab_size, self.n_layer = int(meta["vocab_size"]), int(meta["n_layer"])
+        self.n_ctx = min(n_ctx, int(meta["max_positions"]) - 2 * max_tree_nodes)
+        self.n_past = 0
+        self._pending: tuple[TokenTree, int, np.ndarray] | None = None  # tree, offset, slots
+        self._alloc(int(meta["n_head_kv"]), int(meta["head_dim"]))
+        self._exit_files = {int(e): self.dir / f for e, f in meta.get("early_exit", {}).items()}
+        self._exits: dict[int, _Graph] = {}
+        self.exit_layers = sorted(self._exit_files)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def _resolve(self, path: Path, export_dir: str | Path | None) -> tuple[Path, Path]:
+        """The export directory and its model file; exports other sources on the fly."""
+        if not path.exists():
+            raise UserError(f"model not found: {path}")
+        if path.is_file() and path.suffix.lower() == ".xml":
+            return path.parent, path
+        if path.is_dir() and (path / MODEL_FILE).is_file():
+            return path, path / MODEL_FILE
+        from exporters.openvino import export_openvino
+
+        out, self._temp = export_on_the_fly(path, export_dir, export_openvino,
+                                            "edgespec-openvino-")
+        return out, out / MODEL_FILE
+
+    def _manifest(self) -> dict:
+        """The exporter's sidecar: KV shape and special tokens the graph does not carry."""
+        path = self.dir / MANIFEST
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is missing or unreadable ({e}); re-export the model with "
+                            f"`{EXPORT_HINT}`") from e
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path} is not an edgespec OpenVINO export; use `{EXPORT_HINT}`")
+        return meta
+
+    def _compile(self, path: Path) -> _Graph:
+        model = _read(self._core, path, self.kv_precision)
+        return _Graph(self._core.compile_model(model, self.device, self._config))
+
+    def _alloc(self, n_kv: int, head_dim: int) -> None:
+        """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
+        self.capacity = self.n_ctx + 2 * self.max_tree_nodes + MIN_ROWS
+        shape, dtype = (1, self.capacity, n_kv, head_dim), KV_PRECISIONS[self.kv_precision]
+        self._k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
+        self._v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
+        self._row_bytes = 2 * self.n_layer * n_kv * head_dim * np.dtype(dtype).itemsize
+
+    # -- text ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Token ids of ``text`` (no BOS added: the caller decides from ``tokenizer.add_bos``)."""
+        return self.encoder.encode(text, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> bytes:
+        return self.encoder.decode(ids)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def _run(self, graph: _Graph, tokens: Sequence[int], depth: Sequence[int],
+             visible: np.ndarray, offset: int, rows: np.ndarray) -> np.ndarray:
+        """Evaluate ``tokens`` into slots ``offset..``; logits of ``rows``."""
+        if self.batch_invariant and len(tokens) < MIN_ROWS:
+            tokens, depth, visible = _pad(tokens, depth, visible)
+        feeds = {
+            "input_ids": np.asarray([tokens], np.int64),
+            "position_ids": self.n_past + np.asarray([depth], np.int64),
+            "attn_mask": _mask(visible, self.n_past, offset),
+            "logits_rows": rows.astype(np.int64),
+        }
+        return graph.run(feeds, self._k, self._v, offset)
+
+    def _check_room(self, tree: TokenTree, offset: int) -> None:
+        if self.n_past + tree.max_depth + 1 > self.n_ctx:
+            raise UserError(
+                f"the context is full: {self.n_past} cached + {tree.max_depth + 1} new tokens "
+                f"exceed n_ctx={self.n_ctx}; raise -c/--ctx-size"
+            )
+        if len(tree) > self.max_tree_nodes or offset + len(tree) > self.capacity:
+            raise ValueError(f"a tree of {len(tree)} nodes exceeds max_tree_nodes="
+                             f"{self.max_tree_nodes}")
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Append ``ids`` in chunks (bounded mask size); the logits after the last one."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise UserError(f"the context is full: {self.n_past} cached + {len(ids)} new tokens "
+                            f"exceed n_ctx={self.n_ctx}; raise -c/--ctx-size")
+        self._pending = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start : start + self.prefill_chunk]
+            n = len(chunk)
+            causal = np.tril(np.ones((n, n), bool))
+            logits = self._run(self._main, chunk, range(n), causal, self.n_past,
+                               np.array([n - 1]))
+            self.n_past += n
+        return logits[0]
+
+    def verify(self, tree: TokenTree) -> np.ndarray:
+        """Logits ``[n_nodes, vocab]`` in one run; the tree's KV waits in slots ``n_past..``.
+
+        Nodes take slots depth-first, best-scored child first (:meth:`TokenTree.best_first`).
+        """
+        self._check_room(tree, self.n_past)
+        order = tree.best_first()
+        slot = np.empty(len(tree), np.int64)
+        slot[order] = np.arange(len(tree))
+        visible = tree.ancestor_mask()[np.ix_(order, order)]
+        logits = self._run(self._main, [tree.tokens[i] for i in order],
+                           [tree.depth[i] for i in order], visible, self.n_past,
+                           np.arange(len(tree)))
+        self._pending = (tree, self.n_past, slot)
+        return logits[slot]
+
+    def commit(self, path: Sequence[int]) -> None:
+        """Keep the accepted path's KV at ``n_past..``: already there if it is the best path.
+
+        Another path's rows sit with gaps between them; with ``batch_invariant`` they are
+        recomputed as a chain (so the cache holds what sequential decoding writes), else
+        moved down (a few KB per token).
+        """
+        if self._pending is None:
+            raise ValueError("commit without a preceding verify")
+        (tree, offset, slot), path = self._pending, list(path)
+        if not path or path[0] != 0 or any(tree.parents[b] != a for a, b in pairwise(path)):
+            raise ValueError(f"{path} is not a root path of the verified tree")
+        src, dst = offset + slot[path], self.n_past + np.arange(len(path))
+        if self.batch_invariant and not np.array_equal(src, dst):
+            chain = np.tril(np.ones((len(path), len(path)), bool))
+            self._run(self._main, [tree.tokens[i] for i in path], range(len(path)), chain,
+                      self.n_past, np.array([0]))
+        elif not np.array_equal(src, dst):
+            for buffer in self._k + self._v:
+                buffer[0, dst] = buffer[0, src]
+        self.n_past += len(path)
+        self._pending = None
+
+    def truncate(self, n_past: int) -> None:
+        """Forget positions ``n_past`` and later; their slots are overwritten when reused."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"cannot truncate to {n_past}: the cache holds {self.n_past}")
+        self.n_past, self._pending = n_past, None
+
+    def draft_logits(self, ids_or_tree: Sequence[int] | TokenTree, exit_layer: int) -> np.ndarray:
+        """Logits ``[n, vocab]`` of the exported early exit after ``exit_layer`` blocks.
+
+        The draft reads the cache the full model wrote for layers below the exit and writes
+        its own rows *after* a pending verification's, so nothing committed or pending
+        changes.
+        """
+        graph = self._main if exit_layer == self.n_layer else self._exit_graph(exit_layer)
+        tree = ids_or_tree
+        if not isinstance(tree, TokenTree):
+            tree = TokenTree.chain(ids_or_tree[0], ids_or_tree[1:])
+        offset = self.n_past + (len(self._pending[0]) if self._pending else 0)
+        self._check_room(tree, offset)
+        return self._run(graph, tree.tokens, tree.depth, tree.ancestor_mask(), offset,
+                         np.arange(len(tree)))
+
+    def _exit_graph(self, exit_layer: int) -> _Graph:
+        """The early-exit model after ``exit_layer`` blocks, compiled on first use."""
+        if exit_layer not in self._exit_files:
+            raise ValueError(f"no early-exit graph after layer {exit_layer}; this export has "
+                             f"{self.exit_layers or 'none'} (export with early_exit=E)")
+        if exit_layer not in self._exits:
+            self._exits[exit_layer] = self._compile(self._exit_files[exit_layer])
+        return self._exits[exit_layer]
+
+    # -- resources ----------------------------------------------------------------------------
+
+    def memory(self) -> MemoryReport:
+        files = [self._model_file] + [self._exit_files[e] for e in self._exits]
+        weights = sum(f.with_suffix(".bin").stat().st_size for f in files)
+        used = self._row_bytes * self.n_past
+        return MemoryReport(weights, used, self._row_bytes * self.capacity - used)
+
+    def close(self) -> None:
+        """Drop the compiled models and buffers; delete an on-the-fly export."""
+        self._main = None
+        self._exits, self._k, self._v = {}, [], []
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
