@@ -27,7 +27,7 @@ test: install-test
 # docs/benchmarks.md from the raw results. Run it on an otherwise idle machine: llama.cpp's
 # threads spin-wait, so any other load collapses its speed.
 BENCH_OUT   ?= bench-out
-BENCH_FLAGS ?= --prompts ../shared/prompts/dev.jsonl --peers all -n 128
+BENCH_FLAGS ?= --prompts ../shared/prompts/dev.jsonl --peers all --backend llamacpp,onnx,openvino -n 128
 BENCH_MODELS := smollm2-135m gemma3-270m
 
 bench: install peers
