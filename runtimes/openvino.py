@@ -18,8 +18,13 @@ batches of 1–3 rows take other kernels (with int8/int4 weights, dynamically qu
 activations: logits move by ~0.45). So calls of fewer than :data:`MIN_ROWS` tokens are
 padded with throw-away rows nobody sees (scratch slots), and an accepted path that is not
 the best-scored one is recomputed as a chain, since its rows were summed with gaps.
-Padding makes int8/int4 plain steps ~15-20% slower (the 1-3-row kernels are the faster
-ones); ``batch_invariant=False`` trades exactness for that speed.
+Attention is also blocked: a row's sum over the cached slots is ordered differently when
+the call's total length (cached + new rows) crosses a multiple of 16 between a tree and the
+single steps that would have produced the same tokens (measured: max |Δlogit| 0.4–1.2 at
+cached lengths ≡ 9..11 mod 16 for a 4-token chain). So the rows are padded further until
+the total length is a multiple of :data:`KV_BLOCK`; masked slots add exact zeros.
+Padding makes int8/int4 plain steps slower (the 1-3-row kernels are the faster ones);
+``batch_invariant=False`` trades exactness for that speed.
 
 KV precision: ``f32`` buffers, or ``f16`` (half the memory; OpenVINO converts at the
 graph's edge). OpenVINO's own ``KV_CACHE_PRECISION`` (u8, grouped) applies to caches that
@@ -51,6 +56,7 @@ except ImportError:  # pragma: no cover - exercised only without the openvino ex
 
 KV_PRECISIONS = {"f32": np.float32, "f16": np.float16}
 MIN_ROWS = 4  # fewer rows take other CPU kernels (see the module docstring)
+KV_BLOCK = 16  # calls end on a multiple of this many slots (see the module docstring)
 
 
 def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
@@ -78,11 +84,17 @@ def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
     return ppp.build()
 
 
-def _pad(tokens: Sequence[int], depth: Sequence[int],
-         visible: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
-    """``MIN_ROWS`` rows: the real ones, then copies of the last that only see themselves."""
-    n, extra = len(tokens), MIN_ROWS - len(tokens)
-    padded = np.eye(MIN_ROWS, dtype=bool)
+def _padded_rows(n: int, offset: int) -> int:
+    """At least ``MIN_ROWS`` rows, ending the call on a multiple of ``KV_BLOCK`` slots."""
+    rows = max(n, MIN_ROWS)
+    return rows + (-(offset + rows)) % KV_BLOCK
+
+
+def _pad(tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
+         rows: int) -> tuple[list[int], list[int], np.ndarray]:
+    """``rows`` rows: the real ones, then copies of the last that only see themselves."""
+    n, extra = len(tokens), rows - len(tokens)
+    padded = np.eye(rows, dtype=bool)
     padded[:n, :n] = visible
     return [*tokens, *[tokens[-1]] * extra], [*depth, *[depth[-1]] * extra], padded
 
@@ -211,7 +223,7 @@ class OpenVinoBackend:
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
-        self.capacity = self.n_ctx + 2 * self.max_tree_nodes + MIN_ROWS
+        self.capacity = self.n_ctx + 2 * self.max_tree_nodes + MIN_ROWS + KV_BLOCK
         shape, dtype = (1, self.capacity, n_kv, head_dim), KV_PRECISIONS[self.kv_precision]
         self._k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self._v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
@@ -231,8 +243,10 @@ class OpenVinoBackend:
     def _run(self, graph: _Graph, tokens: Sequence[int], depth: Sequence[int],
              visible: np.ndarray, offset: int, rows: np.ndarray) -> np.ndarray:
         """Evaluate ``tokens`` into slots ``offset..``; logits of ``rows``."""
-        if self.batch_invariant and len(tokens) < MIN_ROWS:
-            tokens, depth, visible = _pad(tokens, depth, visible)
+        if self.batch_invariant:
+            rows_needed = _padded_rows(len(tokens), offset)
+            if rows_needed > len(tokens):
+                tokens, depth, visible = _pad(tokens, depth, visible, rows_needed)
         feeds = {
             "input_ids": np.asarray([tokens], np.int64),
             "position_ids": self.n_past + np.asarray([depth], np.int64),
