@@ -1,11 +1,12 @@
 """The model each peer loads, made from the benchmarked GGUF by the peer's own tools, once.
 
 Peers run the same model as edgespec, exported the way their users export it: a Hugging
-Face folder is made from the GGUF (``hf_from_gguf.py``, in the ort-genai virtualenv, whose
-transformers converts the GGUF tokenizer correctly), then ``optimum-cli export openvino``
-(int8 weights) for OpenVINO GenAI and onnxruntime-genai's model builder (int4 weights) for
-ort-genai. Results are cached under ``PEERS_DIR/models/<gguf stem>-<size>/``; a folder only
-counts once its export finished (``.done``), so an interrupted export is redone.
+Face folder is made from the GGUF (``exporters/hf_from_gguf.py``, in the ort-genai
+virtualenv, whose transformers converts the GGUF tokenizer correctly), then
+``optimum-cli export openvino`` (int8 weights) for OpenVINO GenAI and onnxruntime-genai's
+model builder (int4 weights) for ort-genai. Results are cached under
+``PEERS_DIR/models/<gguf stem>-<size>/``; a folder only counts once its export finished
+(``.done``), so an interrupted export is redone.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import exporters
 from edgespec.errors import UserError
 from edgespec.peers import PEERS_DIR, venv_python
 
-HF_SCRIPT = Path(__file__).with_name("hf_from_gguf.py")
+# an exporter (it imports transformers), run as a script under the ort-genai venv's Python
+HF_SCRIPT = Path(exporters.__file__).with_name("hf_from_gguf.py")
 
 
 class ExportError(UserError):

@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
 
 def convert(gguf: Path, out: Path) -> None:
+    # imported here: this script runs in a peer's venv, never inside the edgespec runtime
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     where = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
     loaded = AutoModelForCausalLM.from_pretrained(**where)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(**where))
