@@ -34,20 +34,14 @@ offered.
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Sequence
-from itertools import pairwise
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgespec.errors import UserError
-from edgespec.tree import TokenTree
 from exporters.openvino import EXPORT_HINT, FORMAT, MANIFEST, MODEL_FILE, REQUIRED_INPUTS
-from runtimes.base import MemoryReport
-from runtimes.onnxrt import _mask, default_threads, export_on_the_fly
-from runtimes.reference_tokenizer import hf_tokenizer
+from runtimes.slots import SlotBackend, default_threads
 
 try:
     import openvino as ov
@@ -126,10 +120,12 @@ class _Graph:
         return request.get_output_tensor(self.outputs["logits"]).data[0].copy()
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on OpenVINO (KV in shared numpy buffers)."""
 
-    name = "openvino"
+    name, KIND, SUFFIX, SLOT_AXIS = "openvino", "OpenVINO", ".xml", 1
+    MODEL_FILE, MANIFEST, DIR_MARKER = MODEL_FILE, MANIFEST, MODEL_FILE
+    FORMAT, EXPORT_HINT = FORMAT, EXPORT_HINT
 
     def __init__(
         self,
@@ -165,7 +161,6 @@ class OpenVinoBackend:
         if device.split(".")[0].split(":")[0] not in {d.split(".")[0] for d in present}:
             raise UserError(f"OpenVINO device {device} is not available; present: "
                             f"{', '.join(present)}")
-        self._temp: Path | None = None
         self.dir, self._model_file = self._resolve(Path(path), export_dir)
         self.threads = threads or default_threads()
         self._config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -177,49 +172,18 @@ class OpenVinoBackend:
         self.device, self.kv_precision = device, kv_precision
         self.batch_invariant = batch_invariant
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
-        self._main = self._compile(self._model_file)  # checks the graph's inputs first
-        meta = self._manifest()
-        self.encoder, self.tokenizer = hf_tokenizer(self.dir, meta)
-        self.vocab_size, self.n_layer = int(meta["vocab_size"]), int(meta["n_layer"])
-        self.n_ctx = min(n_ctx, int(meta["max_positions"]) - 2 * max_tree_nodes)
-        self.n_past = 0
-        self._pending: tuple[TokenTree, int, np.ndarray] | None = None  # tree, offset, slots
-        self._alloc(int(meta["n_head_kv"]), int(meta["head_dim"]))
-        self._exit_files = {int(e): self.dir / f for e, f in meta.get("early_exit", {}).items()}
-        self._exits: dict[int, _Graph] = {}
-        self.exit_layers = sorted(self._exit_files)
+        self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
+        self._open_export(self._manifest(), n_ctx)
 
-    # -- loading -------------------------------------------------------------------------
-
-    def _resolve(self, path: Path, export_dir: str | Path | None) -> tuple[Path, Path]:
-        """The export directory and its model file; exports other sources on the fly."""
-        if not path.exists():
-            raise UserError(f"model not found: {path}")
-        if path.is_file() and path.suffix.lower() == ".xml":
-            return path.parent, path
-        if path.is_dir() and (path / MODEL_FILE).is_file():
-            return path, path / MODEL_FILE
+    def _exporter(self) -> Callable[..., Path]:
         from exporters.openvino import export_openvino
 
-        out, self._temp = export_on_the_fly(path, export_dir, export_openvino,
-                                            "edgespec-openvino-")
-        return out, out / MODEL_FILE
+        return export_openvino
 
-    def _manifest(self) -> dict:
-        """The exporter's sidecar: KV shape and special tokens the graph does not carry."""
-        path = self.dir / MANIFEST
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} is missing or unreadable ({e}); re-export the model with "
-                            f"`{EXPORT_HINT}`") from e
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{path} is not an edgespec OpenVINO export; use `{EXPORT_HINT}`")
-        return meta
-
-    def _compile(self, path: Path) -> _Graph:
+    def _open_graph(self, path: Path) -> _Graph:
         model = _read(self._core, path, self.kv_precision)
         return _Graph(self._core.compile_model(model, self.device, self._config))
+
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
@@ -229,141 +193,17 @@ class OpenVinoBackend:
         self._v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self._row_bytes = 2 * self.n_layer * n_kv * head_dim * np.dtype(dtype).itemsize
 
-    # -- text ----------------------------------------------------------------------------
+    def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
+                  offset: int) -> tuple[Sequence[int], Sequence[int], np.ndarray]:
+        """At least ``MIN_ROWS`` rows, ending on a ``KV_BLOCK`` edge (module docstring)."""
+        rows = _padded_rows(len(tokens), offset)
+        if rows > len(tokens):
+            return _pad(tokens, depth, visible, rows)
+        return tokens, depth, visible
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Token ids of ``text`` (no BOS added: the caller decides from ``tokenizer.add_bos``)."""
-        return self.encoder.encode(text, special=special)
-
-    def detokenize(self, ids: Sequence[int]) -> bytes:
-        return self.encoder.decode(ids)
-
-    # -- evaluation ------------------------------------------------------------------------
-
-    def _run(self, graph: _Graph, tokens: Sequence[int], depth: Sequence[int],
-             visible: np.ndarray, offset: int, rows: np.ndarray) -> np.ndarray:
-        """Evaluate ``tokens`` into slots ``offset..``; logits of ``rows``."""
-        if self.batch_invariant:
-            rows_needed = _padded_rows(len(tokens), offset)
-            if rows_needed > len(tokens):
-                tokens, depth, visible = _pad(tokens, depth, visible, rows_needed)
-        feeds = {
-            "input_ids": np.asarray([tokens], np.int64),
-            "position_ids": self.n_past + np.asarray([depth], np.int64),
-            "attn_mask": _mask(visible, self.n_past, offset),
-            "logits_rows": rows.astype(np.int64),
-        }
+    def _evaluate(self, graph: _Graph, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
         return graph.run(feeds, self._k, self._v, offset)
 
-    def _check_room(self, tree: TokenTree, offset: int) -> None:
-        if self.n_past + tree.max_depth + 1 > self.n_ctx:
-            raise UserError(
-                f"the context is full: {self.n_past} cached + {tree.max_depth + 1} new tokens "
-                f"exceed n_ctx={self.n_ctx}; raise -c/--ctx-size"
-            )
-        if len(tree) > self.max_tree_nodes or offset + len(tree) > self.capacity:
-            raise ValueError(f"a tree of {len(tree)} nodes exceeds max_tree_nodes="
-                             f"{self.max_tree_nodes}")
-
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Append ``ids`` in chunks (bounded mask size); the logits after the last one."""
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        if self.n_past + len(ids) > self.n_ctx:
-            raise UserError(f"the context is full: {self.n_past} cached + {len(ids)} new tokens "
-                            f"exceed n_ctx={self.n_ctx}; raise -c/--ctx-size")
-        self._pending = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk]
-            n = len(chunk)
-            causal = np.tril(np.ones((n, n), bool))
-            logits = self._run(self._main, chunk, range(n), causal, self.n_past,
-                               np.array([n - 1]))
-            self.n_past += n
-        return logits[0]
-
-    def verify(self, tree: TokenTree) -> np.ndarray:
-        """Logits ``[n_nodes, vocab]`` in one run; the tree's KV waits in slots ``n_past..``.
-
-        Nodes take slots depth-first, best-scored child first (:meth:`TokenTree.best_first`).
-        """
-        self._check_room(tree, self.n_past)
-        order = tree.best_first()
-        slot = np.empty(len(tree), np.int64)
-        slot[order] = np.arange(len(tree))
-        visible = tree.ancestor_mask()[np.ix_(order, order)]
-        logits = self._run(self._main, [tree.tokens[i] for i in order],
-                           [tree.depth[i] for i in order], visible, self.n_past,
-                           np.arange(len(tree)))
-        self._pending = (tree, self.n_past, slot)
-        return logits[slot]
-
-    def commit(self, path: Sequence[int]) -> None:
-        """Keep the accepted path's KV at ``n_past..``: already there if it is the best path.
-
-        Another path's rows sit with gaps between them; with ``batch_invariant`` they are
-        recomputed as a chain (so the cache holds what sequential decoding writes), else
-        moved down (a few KB per token).
-        """
-        if self._pending is None:
-            raise ValueError("commit without a preceding verify")
-        (tree, offset, slot), path = self._pending, list(path)
-        if not path or path[0] != 0 or any(tree.parents[b] != a for a, b in pairwise(path)):
-            raise ValueError(f"{path} is not a root path of the verified tree")
-        src, dst = offset + slot[path], self.n_past + np.arange(len(path))
-        if self.batch_invariant and not np.array_equal(src, dst):
-            chain = np.tril(np.ones((len(path), len(path)), bool))
-            self._run(self._main, [tree.tokens[i] for i in path], range(len(path)), chain,
-                      self.n_past, np.array([0]))
-        elif not np.array_equal(src, dst):
-            for buffer in self._k + self._v:
-                buffer[0, dst] = buffer[0, src]
-        self.n_past += len(path)
-        self._pending = None
-
-    def truncate(self, n_past: int) -> None:
-        """Forget positions ``n_past`` and later; their slots are overwritten when reused."""
-        if not 0 <= n_past <= self.n_past:
-            raise ValueError(f"cannot truncate to {n_past}: the cache holds {self.n_past}")
-        self.n_past, self._pending = n_past, None
-
-    def draft_logits(self, ids_or_tree: Sequence[int] | TokenTree, exit_layer: int) -> np.ndarray:
-        """Logits ``[n, vocab]`` of the exported early exit after ``exit_layer`` blocks.
-
-        The draft reads the cache the full model wrote for layers below the exit and writes
-        its own rows *after* a pending verification's, so nothing committed or pending
-        changes.
-        """
-        graph = self._main if exit_layer == self.n_layer else self._exit_graph(exit_layer)
-        tree = ids_or_tree
-        if not isinstance(tree, TokenTree):
-            tree = TokenTree.chain(ids_or_tree[0], ids_or_tree[1:])
-        offset = self.n_past + (len(self._pending[0]) if self._pending else 0)
-        self._check_room(tree, offset)
-        return self._run(graph, tree.tokens, tree.depth, tree.ancestor_mask(), offset,
-                         np.arange(len(tree)))
-
-    def _exit_graph(self, exit_layer: int) -> _Graph:
-        """The early-exit model after ``exit_layer`` blocks, compiled on first use."""
-        if exit_layer not in self._exit_files:
-            raise ValueError(f"no early-exit graph after layer {exit_layer}; this export has "
-                             f"{self.exit_layers or 'none'} (export with early_exit=E)")
-        if exit_layer not in self._exits:
-            self._exits[exit_layer] = self._compile(self._exit_files[exit_layer])
-        return self._exits[exit_layer]
-
-    # -- resources ----------------------------------------------------------------------------
-
-    def memory(self) -> MemoryReport:
+    def _weight_bytes(self) -> int:
         files = [self._model_file] + [self._exit_files[e] for e in self._exits]
-        weights = sum(f.with_suffix(".bin").stat().st_size for f in files)
-        used = self._row_bytes * self.n_past
-        return MemoryReport(weights, used, self._row_bytes * self.capacity - used)
-
-    def close(self) -> None:
-        """Drop the compiled models and buffers; delete an on-the-fly export."""
-        self._main = None
-        self._exits, self._k, self._v = {}, [], []
-        if self._temp is not None:
-            shutil.rmtree(self._temp, ignore_errors=True)
-            self._temp = None
+        return sum(f.with_suffix(".bin").stat().st_size for f in files)
