@@ -13,8 +13,10 @@ from pathlib import Path
 
 from edgespec.errors import UserError
 
-# stage name, done, total: what a progress bar per stage needs
 Progress = Callable[[str, int, int], None]
+"""A progress callback: stage name ("read", "write", "quantize", "copy", "export"), done,
+total — what a progress bar per stage needs. Stages without finer steps report 0 of 1, then
+1 of 1."""
 
 # format → (default quantization, quantizations it accepts)
 FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -45,8 +47,8 @@ class DraftSpec:
         raise UserError(f"unknown draft {text!r}; use early-exit:E or quant[:TYPE]")
 
 
-def _no_progress(stage: str, done: int, total: int) -> None:
-    """The default progress sink."""
+def no_progress(stage: str, done: int, total: int) -> None:
+    """The default callback: exports report progress only to a caller that asks for it."""
 
 
 def export_model(
@@ -74,7 +76,7 @@ def export_model(
         raise UserError(f"{to} exports take --quant {'|'.join(accepted)} (got {quant!r})")
     if not src.exists():
         raise UserError(f"model not found: {src}")
-    progress = progress or _no_progress
+    progress = progress or no_progress
     exits = draft.exit_layer if draft is not None and draft.kind == "early-exit" else None
     if exits is not None:  # checked before anything is written
         from exporters.drafts import check_exit_layer

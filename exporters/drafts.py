@@ -18,16 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgespec.errors import UserError
+from exporters import Progress, no_progress
 from exporters.atomic import atomic_output, check_disk_space, scratch_path
 from exporters.gguf import (
-    Progress,
     check_gguf_source,
     check_output,
     check_quant,
     copy_gguf,
     export_gguf,
     hf_vocab,
-    no_progress,
     quantize_gguf,
 )
 from runtimes.ggufinfo import read_gguf

@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 
 from edgespec.errors import UserError
+from exporters import Progress, no_progress
 from exporters.atomic import atomic_output, check_disk_space, scratch_path
 from runtimes.ggufinfo import GGUFInfo, read_gguf
 from runtimes.safetensors_io import read_safetensors_header, to_bf16_bits
@@ -45,10 +46,6 @@ from runtimes.weights import (
     hf_config,
     load_hf_folder,
 )
-
-Progress = Callable[[str, int, int], None]
-"""A progress callback: stage name ("read", "write", "quantize", "copy", "export"), done,
-total. Stages without finer steps report 0 of 1, then 1 of 1."""
 
 Q = gguf.GGMLQuantizationType
 # export name (llama-quantize's) → (llama_ftype, tensor type used to estimate the size);
@@ -76,10 +73,6 @@ _PRE_TOKENIZERS = {
     ((("Digits", True), ("ByteLevel", False, True)), False): "smollm",
     ((("Split", _LLAMA3_REGEX, "Isolated", False), ("ByteLevel", False, False)), True): "llama-bpe",
 }
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    """The default callback: exports report progress only to a caller that asks for it."""
 
 
 def export_gguf(
