@@ -84,7 +84,7 @@ class Engine:
         stream: bool = False,
     ) -> GenerationResult | TextIterator:
         """Complete ``prompt`` as given (no chat template). ``stream=True`` yields text pieces."""
-        ids = self._prompt_ids(prompt)
+        ids = self.tokenize(prompt)
         run = TextIterator(
             self._run(ids, max_tokens, SamplingParams(temperature, top_k, top_p), seed, draft,
                       stop)
@@ -121,12 +121,25 @@ class Engine:
 
         For diagnostics, e.g. the top-2 margin where two runs' outputs diverge.
         """
-        ids = [*self._prompt_ids(prompt), *tokens]
+        ids = [*self.tokenize(prompt), *tokens]
         with self._lock:
             loop = self._decode_loop(speculative=False)
             loop.cached.clear()
             self.backend.truncate(0)
             return self.backend.prefill(ids)
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """The ids :meth:`generate` feeds the model for ``prompt``: special tokens parsed,
+        BOS added where the model wants it; a sequence of ids passes through."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        info = self.backend.tokenizer
+        ids = self.backend.tokenize(prompt, special=True)
+        if info.add_bos and info.bos_id is not None and ids[:1] != [info.bos_id]:
+            ids.insert(0, info.bos_id)
+        if not ids:
+            raise UserError("the prompt is empty")
+        return ids
 
     def cancel(self) -> None:
         """Stop the generation in progress (from any thread); it ends with ``Cancelled``."""
@@ -142,17 +155,6 @@ class Engine:
         self.close()
 
     # -- internals -----------------------------------------------------------------------
-
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(prompt)
-        info = self.backend.tokenizer
-        ids = self.backend.tokenize(prompt, special=True)
-        if info.add_bos and info.bos_id is not None and ids[:1] != [info.bos_id]:
-            ids.insert(0, info.bos_id)
-        if not ids:
-            raise UserError("the prompt is empty")
-        return ids
 
     def _drafter(self, name: str) -> Drafter | None:
         if name not in self._drafters:

@@ -58,3 +58,14 @@ def test_stop_strings_end_generation(engine) -> None:
     stop = full[3:6]
     cut = engine.generate("Once upon a time", max_tokens=20, draft="none", stop=[stop])
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_tokenize_gives_the_ids_generate_feeds_the_model(engine) -> None:
+    ids = engine.tokenize("Once upon a time")
+    info = engine.backend.tokenizer
+    text_ids = engine.backend.tokenize("Once upon a time", special=True)
+    assert ids == ([info.bos_id, *text_ids] if info.add_bos else text_ids)
+    assert engine.tokenize(ids) == ids  # ids pass through
+    result = engine.generate(ids, max_tokens=4)
+    assert result.stats.prompt_tokens == len(ids)
+    assert engine.generate("Once upon a time", max_tokens=4).token_ids == result.token_ids

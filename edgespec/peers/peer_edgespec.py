@@ -34,7 +34,7 @@ class Peer:
         stats = result.stats
         return {
             # the ids generate() fed the model: the text, plus BOS where the model wants it
-            "prompt_ids": self.engine._prompt_ids(prompt),
+            "prompt_ids": self.engine.tokenize(prompt),
             "token_ids": result.token_ids, "text": result.text,
             "ttft_s": e2e - stats.decode_s, "e2e_s": e2e,
             "steps": stats.steps, "draft_tokens": stats.draft_nodes,
