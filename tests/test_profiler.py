@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from edgespec.profiler import PROBE_SIZES, largest_exact_size, probe_verify_cost
+from edgespec.profiler import PROBE_SIZES, probe_verify_cost, profile
 from runtimes import open_backend
 
 
 def test_llamacpp_without_llamafile_is_exact_at_every_probed_size(tiny_gguf: Path) -> None:
     with closing(open_backend(tiny_gguf, "llamacpp", n_ctx=512, threads=2)) as b:
-        assert largest_exact_size(b) == max(PROBE_SIZES)
+        exact, cost = profile(b, repeats=1)
+        assert exact == max(PROBE_SIZES)
+        assert sorted(cost) == list(PROBE_SIZES)
         assert b.n_past == 0  # the probe leaves the cache empty
 
 
@@ -27,9 +29,9 @@ def test_a_lone_row_evaluated_differently_is_caught(tiny_gguf: Path, tmp_path: P
 
     export = export_onnx(tiny_gguf, tmp_path / "int8", quant="int8")
     with closing(open_backend(export, "onnx", n_ctx=512, batch_invariant=False)) as fast:
-        assert largest_exact_size(fast) < max(PROBE_SIZES)
+        assert profile(fast, repeats=1)[0] < max(PROBE_SIZES)
     with closing(open_backend(export, "onnx", n_ctx=512)) as exact:
-        assert largest_exact_size(exact) == max(PROBE_SIZES)
+        assert profile(exact, repeats=1)[0] == max(PROBE_SIZES)
 
 
 def test_cost_probe_measures_every_size(tiny_gguf: Path) -> None:
