@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from edgespec.models import default_model_path
+from tests.slot_engines import SLOT_ENGINES
 from tests.tinymodel import TinyConfig, write_tiny_llama
 
 DEV_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "prompts" / "dev.jsonl"
@@ -29,3 +31,23 @@ def dev_prompts() -> list[dict]:
     if not DEV_PROMPTS.is_file():
         pytest.skip(f"development prompts not found at {DEV_PROMPTS}")
     return [json.loads(line) for line in DEV_PROMPTS.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def slot_export(tiny_gguf: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``slot_export(engine, quant="fp32")``: the tiny model exported for "onnx" or "openvino".
+
+    Each export is made on first use and kept for the session, so the backend and exporter
+    tests of both engines share them; the options are ``SLOT_ENGINES[engine].exports[quant]``.
+    """
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(engine: str, quant: str = "fp32") -> Path:
+        if (engine, quant) not in made:
+            spec = SLOT_ENGINES[engine]
+            out = tmp_path_factory.mktemp(f"{engine}-exports") / quant
+            made[engine, quant] = spec.export(tiny_gguf, out, **spec.exports[quant])
+        return made[engine, quant]
+
+    return get

@@ -1,9 +1,11 @@
-"""The OpenVINO backend beyond the shared contract: loading, bad input, exactness, SmolLM2.
+"""The OpenVINO backend beyond what it shares with ONNX Runtime: f16 KV, options, SmolLM2.
 
 The contract tests (tests/test_backend_contract.py) prove tree verification, commit and
-rewind on the tiny model. These cover what is particular to this backend — what it opens
-and refuses, trees on an empty cache, drafts written after a pending tree, f16 KV — and,
-on the packaged SmolLM2 (slow), the claims that need a real model:
+rewind on the tiny model; tests/test_slot_backends.py covers, on this backend and on ONNX
+Runtime, what it opens and refuses, trees on an empty cache, drafts written after a
+pending tree and chunked prefill. These cover what is particular to OpenVINO — f16 KV,
+its devices and options, chains exact at every cached length — and, on the packaged
+SmolLM2 (slow), the claims that need a real model:
 
 * exactness: with ``batch_invariant`` a token's logits are *bit-identical* alone, in a
   chain and on the best-scored branch of a tree (CPU kernels differ below 4 rows, so short
@@ -27,18 +29,14 @@ import edgespec  # noqa: E402
 from edgespec.errors import UserError  # noqa: E402
 from edgespec.tree import TokenTree  # noqa: E402
 from exporters.openvino import export_openvino  # noqa: E402
-from runtimes import backend_for, open_backend  # noqa: E402
 from runtimes.openvino import OpenVinoBackend  # noqa: E402
 from runtimes.reference import ReferenceBackend  # noqa: E402
-
-PROMPT = "The lighthouse keeper climbed the stairs every evening to light the lamp."
-ATOL = 1e-4
+from tests.slot_engines import PROMPT, check_speculation_is_bit_exact  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_openvino(tiny_gguf, tmp_path_factory.mktemp("ov") / "tiny", quant="fp32",
-                           early_exit=1)
+def exported(slot_export) -> Path:
+    return slot_export("openvino")
 
 
 @pytest.fixture(scope="module")
@@ -48,43 +46,9 @@ def backend(exported: Path) -> OpenVinoBackend:
     b.close()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_gguf: Path) -> ReferenceBackend:
-    return ReferenceBackend(tiny_gguf, n_ctx=128)
-
-
 @pytest.fixture
-def ids(reference: ReferenceBackend) -> list[int]:
-    return reference.tokenize(PROMPT, special=False)
-
-
-def test_a_tree_on_an_empty_cache_uses_its_depth_positions(backend, reference, ids) -> None:
-    tree = TokenTree(ids[:5], [-1, 0, 0, 2, 1])
-    for b in (backend, reference):
-        b.truncate(0)
-    np.testing.assert_allclose(backend.verify(tree), reference.verify(tree), atol=ATOL)
-
-
-def test_chunked_prefill_equals_one_pass(exported: Path, reference, ids) -> None:
-    chunked = OpenVinoBackend(exported, n_ctx=64, threads=1, prefill_chunk=4)
-    reference.truncate(0)
-    np.testing.assert_allclose(chunked.prefill(ids), reference.prefill(ids), atol=ATOL)
-    tree = TokenTree.chain(ids[0], ids[1:3])
-    np.testing.assert_allclose(chunked.verify(tree), reference.verify(tree), atol=ATOL)
-    chunked.close()
-
-
-def test_a_draft_between_verify_and_commit_changes_nothing(backend, reference, ids) -> None:
-    for b in (backend, reference):
-        b.truncate(0)
-        b.prefill(ids[:4])
-        b.verify(TokenTree(ids[4:8], [-1, 0, 0, 2]))
-    draft = backend.draft_logits(ids[8:11], 1)
-    np.testing.assert_allclose(draft, reference.draft_logits(ids[8:11], 1), atol=ATOL)
-    for b in (backend, reference):
-        b.commit([0, 2, 3])
-    after = TokenTree.root(ids[11])
-    np.testing.assert_allclose(backend.verify(after), reference.verify(after), atol=ATOL)
+def ids(backend: OpenVinoBackend) -> list[int]:
+    return backend.tokenize(PROMPT, special=False)
 
 
 def test_f16_kv_buffers_stay_close_and_take_half_the_memory(exported: Path, backend,
@@ -98,53 +62,6 @@ def test_f16_kv_buffers_stay_close_and_take_half_the_memory(exported: Path, back
     assert half.memory().kv_cache * 2 == backend.memory().kv_cache
     half.close()
     np.testing.assert_allclose(results[1], results[0], atol=1e-2 * np.abs(results[0]).max())
-
-
-def test_limits_are_errors(backend, ids) -> None:
-    backend.truncate(0)
-    with pytest.raises(ValueError, match="max_tree_nodes=16"):
-        backend.verify(TokenTree([ids[0]] * 17, [-1] + [0] * 16))
-    with pytest.raises(UserError, match="context is full"):
-        backend.prefill(ids * 20)
-    with pytest.raises(ValueError, match=r"no early-exit graph after layer 3.*\[1\]"):
-        backend.draft_logits(ids[:2], 3)
-
-
-def test_ir_files_and_export_directories_pick_their_backend(exported: Path, ids,
-                                                            tmp_path: Path) -> None:
-    assert backend_for(exported / "openvino_model.xml") == "openvino"
-    assert backend_for(exported) == "openvino"
-    with pytest.raises(UserError, match="not an edgespec export"):
-        backend_for(tmp_path)
-    b = open_backend(exported, n_ctx=32)
-    assert b.name == "openvino" and b.tokenize(PROMPT, special=False) == ids
-    b.close()
-
-
-def test_a_gguf_is_exported_on_the_fly_and_cleaned_up(tiny_gguf: Path) -> None:
-    b = OpenVinoBackend(tiny_gguf, n_ctx=32, threads=1)
-    where = b.dir
-    assert (where / "openvino_model.xml").is_file()
-    b.close()
-    assert not where.exists()
-
-
-def test_a_foreign_model_is_refused_with_the_export_command(tmp_path: Path) -> None:
-    import openvino.opset13 as op
-
-    x = op.parameter([1, -1], np.int64, name="input_ids")
-    ov.save_model(ov.Model([op.convert(x, ov.Type.f32)], [x], "foreign"),
-                  tmp_path / "foreign.xml")
-    with pytest.raises(UserError, match=r"lacks the inputs.*position_ids, attn_mask.*"
-                                        r"edgespec export MODEL --to openvino -o OUT"):
-        OpenVinoBackend(tmp_path / "foreign.xml")
-
-
-def test_a_model_without_its_manifest_is_refused(exported: Path, tmp_path: Path) -> None:
-    for name in ("openvino_model.xml", "openvino_model.bin"):
-        shutil.copy(exported / name, tmp_path / name)
-    with pytest.raises(UserError, match=r"edgespec.json is missing.*edgespec export"):
-        OpenVinoBackend(tmp_path / "openvino_model.xml")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -176,27 +93,10 @@ def smollm_chain(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.mark.slow
 def test_lone_tokens_chains_and_the_best_branch_are_bit_exact(smollm_chain: Path) -> None:
     b = OpenVinoBackend(smollm_chain, n_ctx=64, threads=2)
-    ids = b.tokenize(PROMPT * 2, special=False)
-    b.prefill(ids[:12])
-    sequential = []
-    for t in ids[12:17]:
-        sequential.append(b.verify(TokenTree.root(t))[0])
-        b.commit([0])
-    b.truncate(12)
-    assert np.array_equal(b.verify(TokenTree.chain(ids[12], ids[13:17])), np.stack(sequential))
-    tokens = [ids[12], *range(100, 106), ids[13], 200, ids[14], 201, ids[15]]
-    parents = [-1, 0, 0, 0, 0, 0, 0, 0, 7, 7, 9, 9]
-    path = [0, 7, 9, 11]
-    best, worst = [0.5] * 6 + [0.9, 0.5, 0.9, 0.5, 0.9], [0.9] * 6 + [0.1, 0.9, 0.1, 0.9, 0.1]
-    b.truncate(12)
-    logits = b.verify(TokenTree(tokens, parents, scores=[1.0, *best]))
-    assert np.array_equal(logits[path], np.stack(sequential[:4]))
-    b.truncate(12)
-    b.verify(TokenTree(tokens, parents, scores=[1.0, *worst]))
-    b.commit(path)  # not the best-scored branch: recomputed as a chain
-    after = b.verify(TokenTree.root(ids[16]))[0]
-    b.close()
-    assert np.array_equal(after, sequential[4])
+    try:
+        check_speculation_is_bit_exact(b, chain=True)
+    finally:
+        b.close()
 
 
 def _greedy(engine: edgespec.Engine, prompts: list[dict], n: int, draft: str) -> list[list[int]]:
