@@ -256,14 +256,35 @@ def _agreement(ms: list[Measurement], index: dict, other: str, attr: str) -> flo
     return sum(same) / len(same) if same else None
 
 
+def _paired_interval(ms: list[Measurement], index: dict, other: str,
+                     draws: int = 2000) -> list[float] | None:
+    """95% bootstrap interval of the decode-speed ratio to configuration ``other``.
+
+    Turns are resampled as pairs: both configurations ran the same turn back to back, so
+    drift of the shared machine mostly cancels within a pair, and the interval says whether
+    a ratio near 1.0 is a real difference or the noise of this run.
+    """
+    pairs = [(m, index.get((other, m.prompt_id, m.turn, m.repeat))) for m in ms]
+    sums = np.array([[max(m.new_tokens - 1, 0), m.decode_s, max(o.new_tokens - 1, 0), o.decode_s]
+                     for m, o in pairs if o is not None and m is not o])
+    if len(sums) < 2:
+        return None
+    picks = sums[np.random.default_rng(0).integers(0, len(sums), (draws, len(sums)))].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (picks[:, 0] / picks[:, 1]) / (picks[:, 2] / picks[:, 3])
+    lo, hi = np.nanpercentile(ratios, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def summarize(rows: list[Measurement], configs: list[str], baseline: str = BASELINE,
               reference: str = RATIO_REFERENCE) -> list[dict]:
     """Per category and configuration: speeds, ratios, acceptance, cost, memory, agreement.
 
     ``ratio`` is decode speed relative to ``reference`` (llama.cpp plain decoding through
     llama-cpp-python; the baseline where it did not run), ``ratio_plain`` relative to the
-    baseline (edgespec plain). ``agreement`` is the share of turns whose tokens equal the
-    baseline's, ``agreement_own`` equal to the same engine's plain decoding.
+    baseline (edgespec plain), with its 95% interval over turns (``ratio_plain_ci``).
+    ``agreement`` is the share of turns whose tokens equal the baseline's,
+    ``agreement_own`` equal to the same engine's plain decoding.
     """
     index = {(m.config, m.prompt_id, m.turn, m.repeat): m for m in rows}
     groups: dict[tuple[str, str], list[Measurement]] = defaultdict(list)
@@ -292,6 +313,8 @@ def summarize(rows: list[Measurement], configs: list[str], baseline: str = BASEL
                 "ratio_e2e": e2e / speed[(category, ref)][1],
                 "ratio_plain": decode / speed[(category, baseline)][0]
                 if (category, baseline) in speed else None,
+                "ratio_plain_ci": None if config == baseline
+                else _paired_interval(ms, index, baseline),
                 "accepted_per_step": sum(m.accepted_per_step * m.steps for m in ms) / steps,
                 "draft_nodes_per_step": sum(drafts) / steps if drafts else None,
                 "step_ms": 1000 * sum(m.decode_s for m in ms) / steps,

@@ -28,6 +28,7 @@ COLUMNS = [
     ("× llama.cpp", "ratio", "{:.2f}×"),  # over meta["ratio_to"]
     ("× e2e", "ratio_e2e", "{:.2f}×"),
     ("× plain", "ratio_plain", "{:.2f}×"),
+    ("95% of × plain", "ratio_plain_ci", "{0[0]:.2f}–{0[1]:.2f}"),
     ("tok/step", "accepted_per_step", "{:.2f}"),
     ("drafts/step", "draft_nodes_per_step", "{:.1f}"),
     ("ms/step", "step_ms", "{:.1f}"),
@@ -39,7 +40,8 @@ COLUMNS = [
 LEGEND = (
     "tok/s: decode speed after the first token; e2e: new tokens over the whole request; "
     "× llama.cpp: decode speed over llama-cpp-python plain decoding (× e2e: end to end); "
-    "× plain: over edgespec plain decoding; tok/step: tokens per model call; ms/step: "
+    "× plain: over edgespec plain decoding, with its 95% interval (turns resampled in "
+    "pairs); tok/step: tokens per model call; ms/step: "
     "decode time per model call (the verify cost); same as base / own plain: share of turns "
     "whose tokens equal edgespec plain decoding's / this engine's plain decoding's; same "
     "input: share of turns whose prompt tokens equal edgespec's."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,20 @@ def test_gemma_is_assembled_from_its_chunk_packages_and_runs() -> None:
         assert engine.backend.tokenizer.chat_template is None  # a base model: transcripts
         text = render(engine, ["The capital of France is"], [])
         assert 1 <= engine.generate(text, max_tokens=4).stats.new_tokens <= 4
+
+
+def test_the_interval_of_a_ratio_resamples_turns_in_pairs() -> None:
+    def turns(config: str, seconds: list[float]) -> list[Measurement]:
+        return [replace(_m(config, [1, 2, 3, 4, 5], s), prompt_id=str(i))
+                for i, s in enumerate(seconds)]
+
+    base = [1.0, 2.0, 1.0, 2.0, 1.5, 1.0]
+    steady = turns("steady", [s / 2 for s in base])  # 2× on every turn, whatever the drift
+    mixed = turns("mixed", [0.5, 0.5, 1.0, 1.0, 1.5, 1.5])  # 2×, 4×, 1×, 2×, 1×, 0.67×
+    rows = turns(BASELINE, base) + steady + mixed
+    table = {r["config"]: r for r in summarize(rows, [BASELINE, "steady", "mixed"])
+             if r["category"] == "ALL"}
+    assert table["steady"]["ratio_plain_ci"] == pytest.approx([2.0, 2.0])
+    lo, hi = table["mixed"]["ratio_plain_ci"]
+    assert lo < table["mixed"]["ratio_plain"] < hi and hi - lo > 0.5
+    assert table[BASELINE]["ratio_plain_ci"] is None
