@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 QUANTS = ("fp16", "fp32", "int8", "int4")
 MODEL_FILE = "openvino_model.xml"
 FORMAT = "edgespec-openvino-decoder"
+# 2: the graph appends zero K/V rows up to the mask's width (older graphs need padding rows)
+FORMAT_VERSION = 2
 EXPORT_HINT = "edgespec export MODEL --to openvino -o OUT"
 REQUIRED_INPUTS = ("input_ids", "position_ids", "attn_mask", "logits_rows")
 
@@ -101,7 +103,8 @@ def _write(tmp: Path, src: Path, quant: str, exits: list[int], group_size: int,
                           quant, group_size)
         ov.save_model(model, tmp / name, compress_to_fp16=False)
     meta = _manifest(weights, quant, [], len(rope[0]), src) | _write_tokenizer(tmp, encoder, info)
-    meta |= {"format": FORMAT, "early_exit": {str(e): f"exit{e}.xml" for e in exits},
+    meta |= {"format": FORMAT, "version": FORMAT_VERSION,
+             "early_exit": {str(e): f"exit{e}.xml" for e in exits},
              "group_size": group_size if quant == "int4" else None}
     (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))
 

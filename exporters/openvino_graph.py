@@ -8,8 +8,9 @@ Here the KV cache lives in buffers the runtime
 owns, one per layer and kind, laid out slot-major ``[capacity, n_kv, head_dim]`` so that the
 first ``P`` slots are a *contiguous* prefix the runtime hands to OpenVINO without a copy:
 
-* inputs ``input_ids, position_ids [1, n]``, ``attn_mask [1, 1, n, P + n]`` (additive, 0 or
-  -inf: which cached slots and which new tokens each new token sees — a token tree),
+* inputs ``input_ids, position_ids [1, n]``, ``attn_mask [1, 1, n, W]``, W ≥ P + n
+  (additive, 0 or -inf: which cached slots and which new tokens each new token sees — a
+  token tree; columns past P + n face zero rows the graph appends, see :func:`_zero_rows`),
   ``logits_rows [m]`` and ``past_key_i / past_value_i [1, P, n_kv, head_dim]``;
 * outputs ``logits [1, m, vocab]`` and only the new rows' ``new_key_i / new_value_i
   [1, n, n_kv, head_dim]`` (after RoPE), which the runtime writes into its buffers.
@@ -59,6 +60,7 @@ class _Builder:
         self.group = self.cfg.n_head // self.cfg.n_head_kv
         self.inputs: dict[str, ov.Node] = {}
         self.outputs: list[ov.Output] = []
+        self.key_pad: ov.Node | None = None  # zero K/V rows up to the mask's width
 
     def param(self, name: str, shape: list[int], dtype: ov.Type) -> ov.Node:
         node = op.parameter(ov.PartialShape(shape), dtype, name=name)
@@ -118,7 +120,9 @@ class _Builder:
         for kind, new in (("key", k), ("value", v)):
             self.result(f"new_{kind}_{i}", new.output(0))
             past = self.param(f"past_{kind}_{i}", [1, -1, nkv, d], ov.Type.f32)
-            both = op.concat([past, new], 1)
+            if self.key_pad is None:
+                self.key_pad = _zero_rows(past, new, mask, [nkv, d])
+            both = op.concat([past, new, self.key_pad], 1)
             heads.append(op.transpose(both, _const([0, 2, 1, 3])))
         # [1, n, nkv, g, d] → [1, nkv, g * n, d]: query group folded into the rows
         qg = op.transpose(op.reshape(q, _const([0, 0, nkv, g, d]), special_zero=True),
@@ -136,6 +140,22 @@ class _Builder:
         gate_up = self.linear(h, np.concatenate([lw.w_gate, lw.w_up]))
         gate, up = op.split(gate_up, _const(-1), 2).outputs()
         return self.linear(op.multiply(op.swish(gate), up), lw.w_down)
+
+
+def _zero_rows(past: ov.Node, new: ov.Node, mask: ov.Node, row: list[int]) -> ov.Node:
+    """Zero K/V rows after the new ones, as many as the mask is wider than past + new.
+
+    The runtime makes every call's key length a multiple of 16 this way (masked slots add
+    exact zeros) instead of evaluating padding rows: the CPU plugin's attention sums keys
+    in blocks of 16, and a row's logits only stay bit-exact across calls if every call's
+    keys fill whole blocks.
+    """
+    def dim(node: ov.Node, axis: int) -> ov.Node:
+        return op.gather(op.shape_of(node), _const([axis]), _const(0))
+
+    extra = op.subtract(op.subtract(dim(mask, 3), dim(past, 1)), dim(new, 1))
+    shape = op.concat([_const([1]), extra, _const(row)], 0)
+    return op.broadcast(op.constant(np.float32(0.0)), shape)
 
 
 def _check_supported(cfg: LlamaConfig) -> None:

@@ -18,13 +18,14 @@ batches of 1–3 rows take other kernels (with int8/int4 weights, dynamically qu
 activations: logits move by ~0.45). So calls of fewer than :data:`MIN_ROWS` tokens are
 padded with throw-away rows nobody sees (scratch slots), and an accepted path that is not
 the best-scored one is recomputed as a chain, since its rows were summed with gaps.
-Attention is also blocked: a row's sum over the cached slots is ordered differently when
-the call's total length (cached + new rows) crosses a multiple of 16 between a tree and the
+Attention is also blocked: a row's sum over the keys is ordered differently when the
+call's key length (cached + new rows) crosses a multiple of 16 between a tree and the
 single steps that would have produced the same tokens (measured: max |Δlogit| 0.4–1.2 at
-cached lengths ≡ 9..11 mod 16 for a 4-token chain). So the rows are padded further until
-the total length is a multiple of :data:`KV_BLOCK`; masked slots add exact zeros.
-Padding makes int8/int4 plain steps slower (the 1-3-row kernels are the faster ones);
-``batch_invariant=False`` trades exactness for that speed.
+cached lengths ≡ 9..11 mod 16 for a 4-token chain). So every call's mask is widened to a
+multiple of :data:`KV_BLOCK` slots and the graph appends that many zero K/V rows (format
+version 2; masked slots add exact zeros): the keys fill whole blocks without evaluating
+padding rows. ``batch_invariant=False`` skips both paddings (the 1–3-row kernels are the
+faster ones) and gives up exactness.
 
 KV precision: ``f32`` buffers, or ``f16`` (half the memory; OpenVINO converts at the
 graph's edge). OpenVINO's own ``KV_CACHE_PRECISION`` (u8, grouped) applies to caches that
@@ -40,7 +41,14 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.errors import UserError
-from exporters.openvino import EXPORT_HINT, FORMAT, MANIFEST, MODEL_FILE, REQUIRED_INPUTS
+from exporters.openvino import (
+    EXPORT_HINT,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    REQUIRED_INPUTS,
+)
 from runtimes.slots import SlotBackend, default_threads
 
 try:
@@ -50,7 +58,7 @@ except ImportError:  # pragma: no cover - exercised only without the openvino ex
 
 KV_PRECISIONS = {"f32": np.float32, "f16": np.float16}
 MIN_ROWS = 4  # fewer rows take other CPU kernels (see the module docstring)
-KV_BLOCK = 16  # calls end on a multiple of this many slots (see the module docstring)
+KV_BLOCK = 16  # every call attends over a multiple of this many slots (module docstring)
 
 
 def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
@@ -76,12 +84,6 @@ def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
         if port.get_any_name().startswith("new_"):
             ppp.output(port.get_any_name()).tensor().set_element_type(ov.Type.f16)
     return ppp.build()
-
-
-def _padded_rows(n: int, offset: int) -> int:
-    """At least ``MIN_ROWS`` rows, ending the call on a multiple of ``KV_BLOCK`` slots."""
-    rows = max(n, MIN_ROWS)
-    return rows + (-(offset + rows)) % KV_BLOCK
 
 
 def _pad(tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
@@ -173,7 +175,11 @@ class OpenVinoBackend(SlotBackend):
         self.batch_invariant = batch_invariant
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
-        self._open_export(self._manifest(), n_ctx)
+        meta = self._manifest()
+        if int(meta.get("version", 1)) < FORMAT_VERSION:
+            raise UserError(f"{self.dir} was exported by an older edgespec (format version "
+                            f"{meta.get('version', 1)}); export it again with `{EXPORT_HINT}`")
+        self._open_export(meta, n_ctx)
 
     def _exporter(self) -> Callable[..., Path]:
         from exporters.openvino import export_openvino
@@ -187,7 +193,7 @@ class OpenVinoBackend(SlotBackend):
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
-        self.capacity = self.n_ctx + 2 * self.max_tree_nodes + MIN_ROWS + KV_BLOCK
+        self.capacity = self.n_ctx + 2 * self.max_tree_nodes + MIN_ROWS
         shape, dtype = (1, self.capacity, n_kv, head_dim), KV_PRECISIONS[self.kv_precision]
         self._k = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
         self._v = [np.zeros(shape, dtype) for _ in range(self.n_layer)]
@@ -195,11 +201,16 @@ class OpenVinoBackend(SlotBackend):
 
     def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
                   offset: int) -> tuple[Sequence[int], Sequence[int], np.ndarray]:
-        """At least ``MIN_ROWS`` rows, ending on a ``KV_BLOCK`` edge (module docstring)."""
-        rows = _padded_rows(len(tokens), offset)
-        if rows > len(tokens):
-            return _pad(tokens, depth, visible, rows)
+        """At least ``MIN_ROWS`` rows (module docstring)."""
+        if len(tokens) < MIN_ROWS:
+            return _pad(tokens, depth, visible, MIN_ROWS)
         return tokens, depth, visible
+
+    def _key_slots(self, offset: int, rows: int) -> int:
+        """The call's keys rounded up to whole ``KV_BLOCK`` blocks (module docstring)."""
+        if not self.batch_invariant:
+            return offset + rows
+        return -(-(offset + rows) // KV_BLOCK) * KV_BLOCK
 
     def _evaluate(self, graph: _Graph, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
         return graph.run(feeds, self._k, self._v, offset)

@@ -52,15 +52,17 @@ def export_on_the_fly(src: Path, export_dir: str | Path | None,
         raise
 
 
-def attention_mask(visible: np.ndarray, n_past: int, offset: int) -> np.ndarray:
-    """Additive ``[1, 1, n, offset + n]``: the prefix, then ``visible`` over the new slots.
+def attention_mask(visible: np.ndarray, n_past: int, offset: int,
+                   width: int | None = None) -> np.ndarray:
+    """Additive ``[1, 1, n, width]``: the prefix, ``visible`` over the new slots, then hidden
+    columns up to ``width`` (default ``offset + n``).
 
     Slots ``n_past .. offset - 1`` (a pending tree an early-exit draft runs after) are hidden.
     """
     n = visible.shape[0]
-    mask = np.zeros((1, 1, n, offset + n), np.float32)
-    mask[..., n_past:offset] = -np.inf
-    mask[0, 0, :, offset:] = np.where(visible, np.float32(0), np.float32(-np.inf))
+    mask = np.full((1, 1, n, width or offset + n), -np.inf, np.float32)
+    mask[..., :n_past] = 0
+    mask[0, 0, :, offset:offset + n] = np.where(visible, np.float32(0), np.float32(-np.inf))
     return mask
 
 
@@ -103,6 +105,11 @@ class SlotBackend:
     def _evaluate(self, graph: Any, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
         """Run ``graph``; its new K/V rows land in slots ``offset..``; logits of the rows."""
         raise NotImplementedError
+
+    def _key_slots(self, offset: int, rows: int) -> int:
+        """How many key slots a call of ``rows`` rows at ``offset`` attends over (the mask's
+        width); an engine whose graph pads its keys may ask for more than it fills."""
+        return offset + rows
 
     def _open_graph(self, path: Path) -> Any:
         """A runnable early-exit graph from its file."""
@@ -172,7 +179,8 @@ class SlotBackend:
         feeds = {
             "input_ids": np.asarray([tokens], np.int64),
             "position_ids": self.n_past + np.asarray([depth], np.int64),
-            "attn_mask": attention_mask(visible, self.n_past, offset),
+            "attn_mask": attention_mask(visible, self.n_past, offset,
+                                        self._key_slots(offset, len(tokens))),
             "logits_rows": rows.astype(np.int64),
         }
         return self._evaluate(graph, feeds, offset)

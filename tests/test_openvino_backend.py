@@ -73,6 +73,16 @@ def test_bad_options_are_user_errors(exported: Path, kwargs: dict, message: str)
         OpenVinoBackend(exported, **kwargs)
 
 
+def test_an_export_of_an_older_format_is_refused_with_the_export_command(
+        exported: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    manifest = old / "edgespec.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(UserError, match="older edgespec .*edgespec export"):
+        OpenVinoBackend(old)
+
+
 # -- SmolLM2 ------------------------------------------------------------------------------
 
 
@@ -147,8 +157,9 @@ def test_speculative_greedy_equals_plain_greedy(smollm_chain: Path,
 
 def test_chains_are_exact_at_every_cached_length(backend, ids) -> None:
     """A 4-token chain verified in one call equals the same tokens stepped one by one, after
-    any cached length: OpenVINO's attention sums in blocks of 16 slots, so without padding
-    calls to a multiple of 16 this broke whenever the single steps crossed a block edge."""
+    any cached length: OpenVINO's attention sums in blocks of 16 slots, so without widening
+    every call's keys to whole blocks this broke whenever the single steps crossed a block
+    edge."""
     context = (ids * 40)[:200]
     for cached in range(24, 60, 3):
         prefix, tail = context[:cached], context[cached:cached + 4]
