@@ -7,6 +7,8 @@ edgespec is one engine on one GGUF: their plain decodings must give the same tok
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import edgespec
 from edgespec.peers import edgespec_config, missing, peer_config
 from edgespec.peers.client import Worker, WorkerError
-from edgespec.peers.exports import model_for
+from edgespec.peers.exports import EXPORTERS, model_for
 
 PROMPT = "<|im_start|>user\nList three colours.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -88,3 +90,14 @@ def test_venv_peers_generate_from_their_own_export(engine: str, smollm_path: Pat
 def _prompt_ids(model: Path) -> list[int]:
     with edgespec.load(model, ctx=512, draft="none") as engine:
         return engine.backend.tokenize(PROMPT, special=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_an_edgespec_export_in_an_older_format_is_made_again(tiny_gguf: Path,
+                                                             tmp_path: Path) -> None:
+    export = EXPORTERS["edgespec-openvino"]
+    out = export(tiny_gguf, tmp_path)
+    manifest = out / "edgespec.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    assert export(tiny_gguf, tmp_path) == out
+    assert json.loads(manifest.read_text())["version"] == 2

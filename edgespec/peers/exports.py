@@ -11,6 +11,8 @@ model builder (int4 weights) for ort-genai. Results are cached under
 
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -80,15 +82,25 @@ def _ortgenai(gguf: Path, folder: Path) -> Path:
 
 
 def _edgespec(to: str, quant: str) -> Callable[[Path, Path], Path]:
-    """edgespec's own exporter, in this process (it is atomic: a finished export exists)."""
+    """edgespec's own exporter, in this process (it is atomic: a finished export exists);
+    an export an older edgespec made in an older format is made again."""
     def export(gguf: Path, folder: Path) -> Path:
         from exporters import export_model
 
         out = folder / f"edgespec-{to}-{quant}"
-        if not out.exists():
-            export_model(gguf, out, to=to, quant=quant)
+        exporter = importlib.import_module(f"exporters.{to}")
+        if _manifest_version(out / exporter.MANIFEST) != exporter.FORMAT_VERSION:
+            export_model(gguf, out, to=to, quant=quant, force=True)
         return out
     return export
+
+
+def _manifest_version(manifest: Path) -> int | None:
+    """The format version an edgespec export's manifest gives (None: no readable export)."""
+    try:
+        return int(json.loads(manifest.read_text()).get("version", 1))
+    except (OSError, ValueError):
+        return None
 
 
 EXPORTERS: dict[str, Callable[[Path, Path], Path]] = {
