@@ -22,7 +22,7 @@ from edgespec.drafting import Drafter, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
 from edgespec.models import resolve_model
-from edgespec.profiler import profile
+from edgespec.profiler import probe_verify_cost, profile
 from edgespec.textstream import TextStream
 from edgespec.verify import SamplingParams
 from runtimes.base import Backend
@@ -127,6 +127,16 @@ class Engine:
             loop.cached.clear()
             self.backend.truncate(0)
             return self.backend.prefill(ids)
+
+    def measure_verify_cost(self, sizes: Sequence[int], *, context: int = 300,
+                            repeats: int = 1) -> dict[int, float]:
+        """Seconds one verify call of each of ``sizes`` tokens takes after ``context`` cached
+        tokens, on this engine's backend (the cache is emptied: the next prompt is prefilled)."""
+        with self._lock:
+            loop = self._decode_loop(speculative=False)
+            loop.cached.clear()
+            return probe_verify_cost(self.backend, sizes=tuple(sizes), context=context,
+                                     repeats=repeats)
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """The ids :meth:`generate` feeds the model for ``prompt``: special tokens parsed,

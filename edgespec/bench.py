@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +50,8 @@ from edgespec.peers.exports import PRECISION, model_for
 BASELINE = f"edgespec-llamacpp:{PLAIN}"
 ALL = "ALL"
 WARMUP_TOKENS = 16
+VERIFY_SIZES = (1, 2, 4, 8, 16, 32)  # tokens per verify call, for the cost table
+VERIFY_CONTEXT = 300  # cached tokens before each probed call
 # models without a chat template (base models such as Gemma-3-270M) get a plain transcript
 TRANSCRIPT_TEMPLATE = (
     "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n\n{% endfor %}"
@@ -212,6 +215,15 @@ class Workers:
             self.drop(label, str(e))
             return None
 
+    def verify_cost(self, label: str, sizes: Sequence[int], context: int) -> dict | None:
+        """Seconds per verify call of each size on an edgespec worker's backend."""
+        try:
+            reply = self.running[label].call("verify_cost", sizes=list(sizes), context=context)
+        except WorkerError as e:
+            self.drop(label, str(e))
+            return None
+        return {int(n): seconds for n, seconds in reply["seconds"].items()}
+
     def drop(self, label: str, reason: str) -> None:
         self.console.print(f"[yellow]skipping {label}[/]: {reason}")
         self.skipped[label] = reason
@@ -240,6 +252,21 @@ def measure(workers: Workers, requests: list[Request], warmup: str, max_tokens: 
                 if reply is not None:
                     rows.append(to_measurement(reply, request, r, label, stop_ids))
     return rows
+
+
+def measure_verify_cost(workers: Workers, labels: list[str], rounds: int = 5) -> dict:
+    """Median seconds per verify size for each labelled worker (``seconds``), probed
+    round-robin so the machine's drift falls on every backend alike."""
+    samples: dict[str, dict[int, list[float]]] = {label: defaultdict(list) for label in labels}
+    for _ in range(rounds):
+        for label in labels:
+            if label in workers.running:
+                cost = workers.verify_cost(label, VERIFY_SIZES, VERIFY_CONTEXT) or {}
+                for n, seconds in cost.items():
+                    samples[label][n].append(seconds)
+    seconds = {label: {n: statistics.median(t) for n, t in sorted(by_size.items())}
+               for label, by_size in samples.items() if by_size}
+    return {"context": VERIFY_CONTEXT, "rounds": rounds, "seconds": seconds}
 
 
 def _speeds(ms: list[Measurement]) -> tuple[float, float]:
@@ -402,6 +429,10 @@ def run_bench(options: BenchOptions) -> list[dict]:
                           logs=options.out / "logs")
             rows = measure(workers, requests, warmup, options.max_tokens, options.repeat,
                            stop_ids)
+            console.log("verify cost per backend")
+            verify_cost = measure_verify_cost(
+                workers, [c.label for c in configs if c.adapter == "edgespec"
+                          and c.options["draft"] == "none"])
         finally:
             workers.close()
         diverged = divergences(engine, rows, {c.label for c in configs if c.same_engine},
@@ -410,7 +441,7 @@ def run_bench(options: BenchOptions) -> list[dict]:
     summary = summarize(rows, labels, baseline=baseline)
     ratio_to = RATIO_REFERENCE if RATIO_REFERENCE in labels else baseline
     results = {"meta": _meta(options, model, configs, workers, threads, ratio_to),
-               "summary": summary,
+               "summary": summary, "verify_cost": verify_cost,
                "divergences": diverged, "measurements": [asdict(m) for m in rows]}
     bench_report.write(results, options.out, Console(width=max(Console().width, 180)))
     return summary

@@ -69,8 +69,29 @@ def _categories(summary: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["category"] for r in summary))
 
 
+def verify_cost_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: each backend's one-token verify time, then c(n)/c(1) per size."""
+    costs = (results.get("verify_cost") or {}).get("seconds", {})
+    sizes = sorted({int(n) for cost in costs.values() for n in cost})
+    rows = []
+    for label, cost in costs.items():
+        seconds = {int(n): t for n, t in cost.items()}
+        one = seconds.get(1)
+        rows.append([label, _cell(one and one * 1000, "{:.1f}"),
+                     *(_cell(one and seconds.get(n) and seconds[n] / one, "{:.2f}×")
+                       for n in sizes[1:])])
+    return ["backend", "1 token ms", *(f"{n} tokens" for n in sizes[1:])], rows
+
+
+def _verify_title(results: dict) -> str:
+    cost = results["verify_cost"]
+    return (f"Verify cost: one call of n tokens (a chain) after {cost['context']} cached "
+            f"tokens, relative to one token; medians of {cost['rounds']} rounds, backends "
+            "probed in turn")
+
+
 def print_tables(results: dict, console: Console) -> None:
-    """One rich table per category, then the divergences found."""
+    """One rich table per category, the verify cost per backend, the divergences found."""
     for category in _categories(results["summary"]):
         table = Table(title=f"{results['meta']['model']}: {category}")
         for header, _, _ in COLUMNS:
@@ -83,6 +104,14 @@ def print_tables(results: dict, console: Console) -> None:
                 table.add_row(*(_cell(row[key], fmt) for _, key, fmt in COLUMNS))
         console.print(table)
     console.print(LEGEND)
+    headers, rows = verify_cost_table(results)
+    if rows:
+        table = Table(title=_verify_title(results))
+        for header in headers:
+            table.add_column(header, justify="left" if header == "backend" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     for d in results["divergences"]:
         console.print(f"prompt {d['prompt_id']} turn {d['turn']} ({d['config']}) diverged at "
                       f"token {d['index']}: plain top-2 logit margin {d['margin']:.4f}")
@@ -109,6 +138,9 @@ def markdown(results: dict) -> str:
     lines += _md_table([h for h, _, _ in COLUMNS], [
         [_cell(r[key], fmt) for _, key, fmt in COLUMNS] for r in summary if r["category"] == ALL])
     lines += ["", LEGEND, ""]
+    headers, rows = verify_cost_table(results)
+    if rows:
+        lines += [f"{_verify_title(results)}:", "", *_md_table(headers, rows), ""]
     lines += _md_table(["configuration", "version", "weights", "options"], [
         [label, c["version"], c["weights"], f"`{json.dumps(c['options'])}`"]
         for label, c in meta["configs"].items() if c["version"]])

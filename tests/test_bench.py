@@ -133,11 +133,14 @@ def test_reports_markdown_plot_and_docs_page(tmp_path: Path) -> None:
             "machine": bench_report.machine(),
             "configs": {m.config: {"version": "v", "weights": "w", "options": {}} for m in rows},
             "skipped": {"ort-genai:plain": "not installed"}}
-    results = {"meta": meta, "summary": summary, "divergences": [], "measurements": []}
+    results = {"meta": meta, "summary": summary, "divergences": [], "measurements": [],
+               "verify_cost": {"context": 300, "rounds": 5, "seconds": {
+                   BASELINE: {"1": 0.01, "2": 0.018, "8": 0.045}}}}
     run = tmp_path / "run"
     bench_report.write(results, run, bench_report.Console(file=io.StringIO()))
     text = (run / "summary.md").read_text()
     assert "| ALL | 1.00× | 1.00× | 2.00× |" in text and "not installed" in text
+    assert f"| {BASELINE} | 10.0 | 1.80× | 4.50× |" in text and "after 300 cached" in text
     docs = tmp_path / "docs" / "benchmarks.md"
     docs.parent.mkdir()
     page = bench_report.docs_page(docs, [run])

@@ -64,6 +64,17 @@ def test_edgespec_worker_is_lossless(tiny_gguf: Path, tmp_path: Path) -> None:
     assert all(r["token_ids"] == _plain_tokens(tiny_gguf, 12) for r in replies)
 
 
+def test_an_edgespec_worker_measures_its_verify_cost_and_keeps_generating(
+        tiny_gguf: Path, tmp_path: Path) -> None:
+    config = edgespec_config("llamacpp", "none", ctx=512, tree_size=None)
+    with _worker(config, tiny_gguf, tmp_path) as worker:
+        before = worker.generate(PROMPT, 8)
+        seconds = worker.call("verify_cost", sizes=[1, 2, 4], context=32)["seconds"]
+        after = worker.generate(PROMPT, 8)  # the probe emptied the cache it had filled
+    assert sorted(seconds) == ["1", "2", "4"] and all(t > 0 for t in seconds.values())
+    assert after["token_ids"] == before["token_ids"]
+
+
 def test_a_worker_that_cannot_load_reports_why(tmp_path: Path) -> None:
     config = edgespec_config("llamacpp", "none", ctx=512, tree_size=None)
     worker = Worker(config, tmp_path / "absent.gguf", threads=1, stop_ids=[],

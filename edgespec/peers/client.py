@@ -36,9 +36,13 @@ class Worker:
         return self._read()["version"]
 
     def generate(self, prompt: str, max_tokens: int) -> dict:
+        return self.call("generate", prompt=prompt, max_tokens=max_tokens)
+
+    def call(self, op: str, **fields: object) -> dict:
+        """Ask the worker's adapter to run method ``op`` with ``fields``; its reply."""
         assert self._proc.stdin is not None
         try:
-            self._proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
+            self._proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
             self._proc.stdin.flush()
         except BrokenPipeError:
             raise WorkerError(self._failure("exited")) from None

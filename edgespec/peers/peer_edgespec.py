@@ -27,6 +27,11 @@ class Peer:
         self.engine = edgespec.load(model, backend=backend, draft=draft, threads=threads,
                                     ctx=ctx, tree_size=tree_size)
 
+    def verify_cost(self, sizes: list[int], context: int) -> dict:
+        """Seconds of verifying each of ``sizes`` tokens after ``context`` cached ones."""
+        cost = self.engine.measure_verify_cost(tuple(sizes), context=context)
+        return {"seconds": {str(n): s for n, s in cost.items()}}
+
     def generate(self, prompt: str, max_tokens: int) -> dict:
         start = time.perf_counter()
         result = self.engine.generate(prompt, max_tokens=max_tokens)

@@ -8,8 +8,9 @@ each prompt as one request, interleaved with the other configurations' workers.
 
 Protocol: ``worker.py NAME OPTIONS_JSON``. The worker answers ``{"ready": true, "version"}``
 (or ``{"error"}``) once loaded, then one line per request line ``{"prompt", "max_tokens"}``:
-the adapter's result plus the process's peak RSS. stdout carries only the protocol;
-whatever an engine prints goes to stderr.
+the adapter's result plus the process's peak RSS. A request's ``"op"`` names another
+adapter method to call with its other fields (``verify_cost`` on edgespec). stdout carries
+only the protocol; whatever an engine prints goes to stderr.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main() -> int:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            result = engine.generate(request["prompt"], request["max_tokens"])
+            result = getattr(engine, request.pop("op", "generate"))(**request)
             result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         except Exception as e:  # noqa: BLE001 - one failed prompt must not end the run
             result = _error(e)
