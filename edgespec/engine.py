@@ -19,7 +19,7 @@ from edgespec.autotune import SpeculationPolicy
 from edgespec.drafting import Drafter
 from edgespec.errors import Cancelled, UserError
 from edgespec.tree import TokenTree
-from edgespec.verify import SamplingParams, accept, pick
+from edgespec.verify import Acceptance, SamplingParams, accept, pick
 from runtimes.base import Backend
 
 
@@ -151,19 +151,20 @@ class DecodeLoop:
             logits = self.backend.verify(tree)
             verify_s = time.perf_counter() - verify_start
             accepted = accept(tree, logits, params, rng)
-            self.backend.commit(accepted.path)
+            path, next_token = _exact_part(tree, accepted)
+            self.backend.commit(path)
             if drafter is not None:
                 drafter.observe(tree, logits, accepted.path)
             self.policy.observe(len(tree), verify_s, time.perf_counter() - step_start,
-                                accepted.n_accepted_drafts)
-            new = [tree.tokens[i] for i in accepted.path[1:]]
+                                len(path) - 1)
+            new = [tree.tokens[i] for i in path[1:]]
             self.cached.extend([context[-1], *new])
-            new.append(accepted.next_token)
+            new.append(next_token)
             context.extend(new)
             stats.steps += 1
             stats.draft_nodes += len(tree) - 1
             stats.speculative_steps += len(tree) > 1
-            stats.accepted_drafts += accepted.n_accepted_drafts
+            stats.accepted_drafts += len(path) - 1
             yield from new
 
     def _draft(self, context: list[int], drafter: Drafter | None, room: int) -> TokenTree:
@@ -173,6 +174,25 @@ class DecodeLoop:
         policy = self.policy
         return policy.select(
             drafter.draft(context, budget, policy.min_score(), policy.entry_score()))
+
+
+def _exact_part(tree: TokenTree, accepted: Acceptance) -> tuple[list[int], int]:
+    """The root path to commit and the token after it, both from bit-exact logits only.
+
+    Backends lay a tree out best-first (:meth:`TokenTree.best_first`): only nodes on that
+    order's prefix sit where plain decoding would have put them, so only their logits are
+    bit-exact. A node off it was accepted from its parent's exact logits, but its own row
+    was summed with a gap before it. So an accepted path that leaves the prefix ends at
+    that node, which is emitted uncommitted as the next step's root (its logits computed
+    there, in place) instead of taking a bonus token from its inexact row.
+    """
+    if len(accepted.path) == 1:
+        return accepted.path, accepted.next_token
+    order = tree.best_first()
+    for i, node in enumerate(accepted.path):
+        if node != order[i]:
+            return accepted.path[:i], tree.tokens[node]
+    return accepted.path, accepted.next_token
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgespec.engine import _exact_part
 from edgespec.tree import TokenTree, TreeBuilder
-from edgespec.verify import SamplingParams, accept
+from edgespec.verify import Acceptance, SamplingParams, accept
 
 GREEDY = SamplingParams()
 
@@ -80,3 +81,16 @@ def test_best_first_puts_the_likeliest_branch_first() -> None:
     for leaf in t.leaves():
         path = t.path_to(leaf)
         assert [i for i in order if i in path] == path  # every branch in ancestor order
+
+
+def test_a_step_ends_where_the_accepted_path_leaves_the_best_first_layout() -> None:
+    """Only nodes on the best-first prefix have bit-exact logits (their KV sits where plain
+    decoding puts it): an accepted path leaving it ends at its first node off the prefix,
+    emitted as the next token, and nothing after that node is used."""
+    t = TokenTree([10, 11, 12, 13, 14], [-1, 0, 0, 2, 1], scores=[1.0, 0.3, 0.8, 0.7, 0.2])
+    assert t.best_first()[:3] == [0, 2, 3]
+    assert _exact_part(t, Acceptance([0, 2, 3], 99)) == ([0, 2, 3], 99)  # the main branch
+    assert _exact_part(t, Acceptance([0, 1, 4], 99)) == ([0], 11)  # off it at once
+    assert _exact_part(t, Acceptance([0], 99)) == ([0], 99)
+    u = TokenTree([10, 11, 12, 13], [-1, 0, 1, 1], scores=[1.0, 0.9, 0.8, 0.1])
+    assert _exact_part(u, Acceptance([0, 1, 3], 99)) == ([0, 1], 13)  # off it at depth 2
