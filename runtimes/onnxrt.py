@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.errors import UserError
-from exporters.onnx import EXPORT_HINT, FORMAT, MANIFEST, MODEL_FILE, REQUIRED_INPUTS
-from runtimes.slots import SlotBackend, default_threads
+from exporters import onnx as spec
+from runtimes.slots import SlotBackend, default_threads, require_inputs
 
 try:
     import onnxruntime as ort
@@ -83,12 +83,7 @@ def _session(path: Path, threads: int, provider: str) -> ort.InferenceSession:
         session = ort.InferenceSession(str(path), options, providers=[provider])
     except Exception as e:  # onnxruntime raises its own exception types
         raise UserError(f"onnxruntime cannot load {path}: {e}") from e
-    missing = [n for n in REQUIRED_INPUTS if n not in {i.name for i in session.get_inputs()}]
-    if missing:
-        raise UserError(
-            f"{path} lacks the inputs edgespec needs ({', '.join(missing)}): it was not exported "
-            f"for tree verification; export one with `{EXPORT_HINT}`"
-        )
+    require_inputs(path, {i.name for i in session.get_inputs()}, spec)
     return session
 
 
@@ -126,8 +121,8 @@ class OnnxBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on ONNX Runtime (in-place KV buffers)."""
 
     name, KIND, SUFFIX, SLOT_AXIS = "onnx", "ONNX", ".onnx", 2
-    MODEL_FILE, MANIFEST, DIR_MARKER = MODEL_FILE, MANIFEST, MANIFEST
-    FORMAT, EXPORT_HINT = FORMAT, EXPORT_HINT
+    MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MANIFEST
+    FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
 
     def __init__(
         self,

@@ -41,15 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from edgespec.errors import UserError
-from exporters.openvino import (
-    EXPORT_HINT,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    MODEL_FILE,
-    REQUIRED_INPUTS,
-)
-from runtimes.slots import SlotBackend, default_threads
+from exporters import openvino as spec
+from runtimes.slots import SlotBackend, default_threads, require_inputs
 
 try:
     import openvino as ov
@@ -67,13 +60,7 @@ def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
         model = core.read_model(path)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
         raise UserError(f"OpenVINO cannot read {path}: {e}") from e
-    names = {name for port in model.inputs for name in port.get_names()}
-    missing = [n for n in REQUIRED_INPUTS if n not in names]
-    if missing:
-        raise UserError(
-            f"{path} lacks the inputs edgespec needs ({', '.join(missing)}): it was not exported "
-            f"for tree verification; export one with `{EXPORT_HINT}`"
-        )
+    require_inputs(path, {name for port in model.inputs for name in port.get_names()}, spec)
     if kv_precision == "f32":
         return model
     ppp = ov.preprocess.PrePostProcessor(model)
@@ -126,8 +113,8 @@ class OpenVinoBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on OpenVINO (KV in shared numpy buffers)."""
 
     name, KIND, SUFFIX, SLOT_AXIS = "openvino", "OpenVINO", ".xml", 1
-    MODEL_FILE, MANIFEST, DIR_MARKER = MODEL_FILE, MANIFEST, MODEL_FILE
-    FORMAT, EXPORT_HINT = FORMAT, EXPORT_HINT
+    MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MODEL_FILE
+    FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
 
     def __init__(
         self,
@@ -175,11 +162,7 @@ class OpenVinoBackend(SlotBackend):
         self.batch_invariant = batch_invariant
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
-        meta = self._manifest()
-        if int(meta.get("version", 1)) < FORMAT_VERSION:
-            raise UserError(f"{self.dir} was exported by an older edgespec (format version "
-                            f"{meta.get('version', 1)}); export it again with `{EXPORT_HINT}`")
-        self._open_export(meta, n_ctx)
+        self._open_export(self._manifest(), n_ctx)
 
     def _exporter(self) -> Callable[..., Path]:
         from exporters.openvino import export_openvino

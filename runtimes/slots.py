@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,16 @@ def export_on_the_fly(src: Path, export_dir: str | Path | None,
         raise
 
 
+def require_inputs(path: Path, present: set[str], spec: ModuleType) -> None:
+    """Refuse a graph lacking the inputs ``spec`` (an exporter module) gives its graphs."""
+    missing = [n for n in spec.REQUIRED_INPUTS if n not in present]
+    if missing:
+        raise UserError(
+            f"{path} lacks the inputs edgespec needs ({', '.join(missing)}): it was not exported "
+            f"for tree verification; export one with `{spec.EXPORT_HINT}`"
+        )
+
+
 def attention_mask(visible: np.ndarray, n_past: int, offset: int,
                    width: int | None = None) -> np.ndarray:
     """Additive ``[1, 1, n, width]``: the prefix, ``visible`` over the new slots, then hidden
@@ -81,6 +92,7 @@ class SlotBackend:
     MANIFEST: str
     DIR_MARKER: str  # a directory holding this file is an export of this kind
     FORMAT: str
+    FORMAT_VERSION: int  # exports of an older version are refused
     EXPORT_HINT: str
     SLOT_AXIS: int  # the buffers' slot dimension
 
@@ -144,6 +156,10 @@ class SlotBackend:
         if meta.get("format") != self.FORMAT:
             raise UserError(f"{path} is not an edgespec {self.KIND} export; "
                             f"use `{self.EXPORT_HINT}`")
+        version = int(meta.get("version", 1))
+        if version < self.FORMAT_VERSION:
+            raise UserError(f"{self.dir} was exported by an older edgespec (format version "
+                            f"{version}); export it again with `{self.EXPORT_HINT}`")
         return meta
 
     def _open_export(self, meta: dict, n_ctx: int) -> None:

@@ -73,16 +73,6 @@ def test_bad_options_are_user_errors(exported: Path, kwargs: dict, message: str)
         OpenVinoBackend(exported, **kwargs)
 
 
-def test_an_export_of_an_older_format_is_refused_with_the_export_command(
-        exported: Path, tmp_path: Path) -> None:
-    old = tmp_path / "old"
-    shutil.copytree(exported, old)
-    manifest = old / "edgespec.json"
-    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
-    with pytest.raises(UserError, match="older edgespec .*edgespec export"):
-        OpenVinoBackend(old)
-
-
 # -- SmolLM2 ------------------------------------------------------------------------------
 
 

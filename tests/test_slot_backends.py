@@ -10,6 +10,7 @@ tests/test_openvino_backend.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,3 +161,14 @@ def test_a_model_without_its_manifest_is_refused(engine: SlotEngine, exported: P
         shutil.copy(exported / name, tmp_path / name)
     with pytest.raises(UserError, match=r"edgespec.json is missing.*edgespec export"):
         engine.open(tmp_path / engine.model_file)
+
+
+def test_an_export_of_an_older_format_is_refused_with_the_export_command(
+        engine: SlotEngine, exported: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    manifest = old / "edgespec.json"
+    meta = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(meta | {"version": meta["version"] - 1}))
+    with pytest.raises(UserError, match="older edgespec .*edgespec export"):
+        engine.open(old)
