@@ -104,6 +104,25 @@ def test_lookup_copies_a_repeated_phrase_and_follows_rewinds() -> None:
     assert d.draft(rewound, budget=4).tokens == [3]
 
 
+def test_lookup_learns_ambiguous_matches_apart_from_unique_ones() -> None:
+    """An n-gram that has been followed by different tokens is a worse bet than one always
+    followed by the same token; the two kinds must not share an acceptance estimate."""
+    d = PromptLookupDrafter(max_ngram=2)
+    unique = [1, 2, 3, 8, 1, 2]
+    assert d.draft(unique, budget=2).sources[1].split("/")[2] == "u"
+    context = [5, 6, 7, 9, 5, 6, 4]  # "5 6" is ambiguous: followed by 7, then by 4
+    for _ in range(20):  # ... and each time the text goes on with something new
+        context += [5, 6]
+        tree = d.draft(context, budget=8)
+        firsts = [tree.sources[i] for i in range(1, len(tree)) if tree.parents[i] == 0]
+        assert [s.split("/")[2] for s in firsts] == ["n", "o"]
+        context.append(10 + len(context))
+    d.draft(context, budget=8)  # judge the last proposal
+    d2 = PromptLookupDrafter(max_ngram=2)
+    d2.stats = d.stats
+    assert d2.draft(unique, budget=2).scores[1] > d.draft(context + [5, 6], budget=8).scores[1]
+
+
 def test_fused_merges_both_drafters_into_one_tree() -> None:
     lookup, recycling = PromptLookupDrafter(), TokenRecyclingDrafter(vocab_size=20, k=2)
     recycling.matrix[3] = [4, 8]

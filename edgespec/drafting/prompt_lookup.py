@@ -8,6 +8,7 @@ and it is rebuilt only when the context is rewound or replaced (a new prompt).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,6 +21,12 @@ _BUCKETS = (1, 2, 3, 4, 8, 16)
 _FIRST_PRIOR = {1: 0.15, 2: 0.3, 3: 0.45, 4: 0.55, 8: 0.7, 16: 0.8}
 _DEEP_PRIOR = 0.6
 _LONGEST_MATCH = 32
+
+
+class _Branch(NamedTuple):
+    start: int  # where the continuation begins in the context
+    bucket: int  # how long the match behind it is (one of _BUCKETS)
+    kind: str  # u: the only continuation seen; n: the newest of several; o: an older one
 
 
 class PromptLookupDrafter:
@@ -42,13 +49,12 @@ class PromptLookupDrafter:
     ) -> TokenTree:
         self._sync(context)
         builder = TreeBuilder(context[-1])
-        starts, n = self._longest_match(context)
-        gated = bool(starts) and self._first_score(context, starts[0], n) < entry_score
-        if starts:
-            # a tree that cannot pay is not built: its first node alone still goes to the
-            # shadow log, so the estimate of this kind of match keeps learning
-            self._add_branches(builder, context, starts[:1] if gated else starts, n,
-                               2 if gated else budget)
+        branches = self._branches(context, *self._longest_match(context))
+        gated = bool(branches) and self._first_score(branches[0]) < entry_score
+        # a tree that cannot pay is not built: its first node alone still goes to the
+        # shadow log, so the estimate of this kind of match keeps learning
+        self._add_branches(builder, context, branches[:1] if gated else branches,
+                           2 if gated else budget)
         tree = builder.build()
         self._shadow.propose(context, tree)  # all of it: weak keys must be able to improve
         if gated:
@@ -65,13 +71,23 @@ class PromptLookupDrafter:
                 return starts, n
         return [], 0
 
-    def _first_score(self, context: Sequence[int], start: int, n: int) -> float:
-        """The estimate of the best branch's first node (the highest score in the tree)."""
-        bucket = _bucket(_match_length(context, start, len(context), n))
-        return self.stats.rate(self._key(bucket, 0, 1), _FIRST_PRIOR[bucket])
+    def _branches(self, context: Sequence[int], starts: list[int], n: int) -> list[_Branch]:
+        """Each continuation's start, match-length bucket and statistics kind: ``u`` when
+        the n-gram was always followed by the same token, else ``n`` (the newest
+        continuation) and ``o`` (older ones). Measured on the dev prompts, a 4-token match's
+        next token is accepted 82% of the time when unique but ~20% when the n-gram has had
+        several continuations, so the kinds must not share a rate."""
+        kinds = ("u",) if len(starts) == 1 else ("n",) + ("o",) * (len(starts) - 1)
+        end = len(context)
+        return [_Branch(start, _bucket(_match_length(context, start, end, n)), kind)
+                for start, kind in zip(starts, kinds)]
 
-    def _key(self, bucket: int, rank: int, depth: int) -> str:
-        return f"{self.name}/m{bucket}/b{min(rank, 1)}/d{min(depth, 4)}"
+    def _first_score(self, branch: _Branch) -> float:
+        """The estimate of the best branch's first node (the highest score in the tree)."""
+        return self.stats.rate(self._key(branch, 1), _FIRST_PRIOR[branch.bucket])
+
+    def _key(self, branch: _Branch, depth: int) -> str:
+        return f"{self.name}/m{branch.bucket}/{branch.kind}/d{min(depth, 4)}"
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
         """Nothing to learn here: proposals are judged against the real text (ShadowLog)."""
@@ -88,17 +104,16 @@ class PromptLookupDrafter:
         return found
 
     def _add_branches(
-        self, builder: TreeBuilder, context: Sequence[int], starts: list[int], n: int, budget: int
+        self, builder: TreeBuilder, context: Sequence[int], branches: list[_Branch], budget: int
     ) -> None:
         end = len(context)
-        for rank, start in enumerate(starts):
-            bucket = _bucket(_match_length(context, start, end, n))
+        for branch in branches:
             parent, score = 0, 1.0
-            for depth, token in enumerate(context[start:end], start=1):
+            for depth, token in enumerate(context[branch.start:end], start=1):
                 if len(builder.tokens) >= budget:
                     return
-                key = self._key(bucket, rank, depth)
-                prior = _FIRST_PRIOR[bucket] if depth == 1 else _DEEP_PRIOR
+                key = self._key(branch, depth)
+                prior = _FIRST_PRIOR[branch.bucket] if depth == 1 else _DEEP_PRIOR
                 score *= self.stats.rate(key, prior)
                 parent = builder.add(parent, token, score, key)
 
