@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -50,10 +51,19 @@ def test_recycling_learns_from_the_text_that_followed_even_unverified_drafts() -
     assert d.draft(context, budget=2).scores[1] > before + 0.3
 
 
-def test_lookup_below_the_entry_score_proposes_nothing_but_keeps_learning() -> None:
-    """A match too weak to pay yields the bare root; its first node still reaches the
+def _cycle_recycler() -> TokenRecyclingDrafter:
+    """A recycling drafter whose matrix has learned the cycle 7 → 8 → 9 → 7."""
+    d = TokenRecyclingDrafter(vocab_size=12, k=2)
+    d.matrix[[7, 8, 9]] = [[8, 1], [9, 1], [7, 1]]
+    return d
+
+
+@pytest.mark.parametrize("make", [PromptLookupDrafter, _cycle_recycler],
+                         ids=["lookup", "recycling"])
+def test_below_the_entry_score_a_drafter_proposes_nothing_but_keeps_learning(make) -> None:
+    """A draft too weak to pay yields the bare root; its first node still reaches the
     shadow log, so once the text keeps repeating, the estimate rises past the entry score."""
-    d = PromptLookupDrafter()
+    d = make()
     context = [7, 8, 9] * 2
     assert len(d.draft(context, budget=4, entry_score=0.99)) == 1
     weak = d.draft(context, budget=4).scores[1]
