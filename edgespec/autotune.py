@@ -52,6 +52,40 @@ class CostCurve:
         return dict(self._cost)
 
 
+class Calibration:
+    """Realised / predicted accepted drafts of the chosen trees, per kind of tree.
+
+    The policy verifies the trees whose estimates came out highest, so the estimates of
+    chosen trees are biased upward, by an amount that depends on the kind of draft (the
+    source of its best node, e.g. ``lookup/m4/u``) and on the text. A single correction let
+    summaries' long copies, which deliver more than predicted, inflate the next prompt's
+    short matches, which deliver less; per kind, each is corrected by its own record.
+    """
+
+    def __init__(self, rate: float = 0.05) -> None:
+        self._rate = rate
+        self._evidence: dict[str, list[float]] = {}  # kind -> [predicted, realised] EMAs
+
+    def factor(self, kind: str) -> float:
+        """The correction for ``kind``'s scores (1.0 before any evidence)."""
+        predicted, realised = self._evidence.get(kind, (1.0, 1.0))
+        return min(1.5, max(0.3, realised / max(predicted, 1e-6)))
+
+    def best(self) -> float:
+        """The largest correction any tree may get (a kind never seen gets 1.0)."""
+        return max([1.0, *(self.factor(kind) for kind in self._evidence)])
+
+    def record(self, kind: str, predicted: float, realised: int) -> None:
+        ev = self._evidence.setdefault(kind, [1.0, 1.0])
+        ev[0] += self._rate * (predicted - ev[0])
+        ev[1] += self._rate * (realised - ev[1])
+
+    def relax(self) -> None:
+        """A step without speculation brings no evidence: slowly trust the drafts again."""
+        for ev in self._evidence.values():
+            ev[1] += 0.1 * self._rate * (ev[0] - ev[1])
+
+
 class SpeculationPolicy:
     """Chooses the sub-tree with the best expected tokens per second, or none at all."""
 
@@ -64,10 +98,8 @@ class SpeculationPolicy:
         self.adaptive = adaptive  # False: always verify the best max_nodes (tests, studies)
         self.overhead_s = 0.0
         self._recent_size = float(max_nodes)
-        # realised vs predicted accepted drafts of the trees it chose (EMAs): the chosen
-        # trees are the ones whose estimates came out highest, so they are biased upward
-        self._predicted, self._realised = 1.0, 1.0
-        self._last_expected = 0.0
+        self.calibration = Calibration()
+        self._last_choice = ("", 0.0)  # the kind and expected drafts of the last chosen tree
         self._steps = 0
         self._min_score = self._entry_score = 0.0
         self._thresholds_at = -1  # the step count they were computed at
@@ -108,7 +140,8 @@ class SpeculationPolicy:
         marginal = min(self.cost(n + 1) - self.cost(n) for n in sizes)
         self._min_score = min(0.5, max(0.02, 0.5 * marginal / base))
         bar = (1.0 + self.margin) / base
-        self._entry_score = min((bar * self.step_cost(n + 1) - 1.0) / (n * self.calibration)
+        calibration = self.calibration.best()
+        self._entry_score = min((bar * self.step_cost(n + 1) - 1.0) / (n * calibration)
                                 for n in sizes)
 
     def step_cost(self, n: int) -> float:
@@ -122,15 +155,9 @@ class SpeculationPolicy:
         self.overhead_s += 0.1 * (step_s - verify_s - self.overhead_s)
         self._steps += 1
         if n > 1:
-            self._predicted += 0.05 * (self._last_expected - self._predicted)
-            self._realised += 0.05 * (accepted - self._realised)
-        else:  # without speculation there is no new evidence: slowly trust the drafts again
-            self._realised += 0.005 * (self._predicted - self._realised)
-
-    @property
-    def calibration(self) -> float:
-        """Realised / predicted accepted drafts, the correction applied to drafters' scores."""
-        return min(1.5, max(0.3, self._realised / max(self._predicted, 1e-6)))
+            self.calibration.record(*self._last_choice, accepted)
+        else:
+            self.calibration.relax()
 
     def select(self, tree: TokenTree) -> TokenTree:
         """The ancestor-closed top-n nodes of ``tree`` maximising expected tokens per second."""
@@ -142,15 +169,16 @@ class SpeculationPolicy:
         order = sorted(range(1, len(tree)), key=lambda i: (-scores[i], i))
         if not self.adaptive:
             return tree.prune(order[: self.max_nodes - 1])
-        chosen = self._best_size(scores, order)
+        kind = tree.sources[order[0]].rsplit("/", 1)[0]  # the best node's source less depth
+        chosen = self._best_size(scores, order, self.calibration.factor(kind))
         self._recent_size += 0.2 * (chosen + 1 - self._recent_size)
-        self._last_expected = sum(scores[i] for i in order[:chosen])
+        self._last_choice = (kind, sum(scores[i] for i in order[:chosen]))
         return tree.prune(order[:chosen])
 
-    def _best_size(self, scores: list[float], order: list[int]) -> int:
+    def _best_size(self, scores: list[float], order: list[int], calibration: float) -> int:
         """The n whose top-n nodes give the most expected tokens per second (0: none)."""
         best_n, best_rate = 0, (1.0 + self.margin) / self.step_cost(1)
-        expected, calibration = 1.0, self.calibration
+        expected = 1.0
         for n, node in enumerate(order[: self.max_nodes - 1], start=1):
             expected += calibration * scores[node]
             rate = expected / self.step_cost(n + 1)

@@ -11,9 +11,10 @@ STEEP = {1: 9.0, 2: 16.0, 4: 25.0, 8: 35.0, 16: 60.0}  # llama.cpp on this 2-cor
 FLAT = {1: 18.0, 2: 19.0, 4: 21.0, 8: 24.0, 16: 30.0}
 
 
-def _chain(scores: list[float]) -> TokenTree:
+def _chain(scores: list[float], source: str = "draft") -> TokenTree:
     n = len(scores)
-    return TokenTree(list(range(n + 1)), list(range(-1, n)), scores=[1.0, *scores])
+    return TokenTree(list(range(n + 1)), list(range(-1, n)),
+                     ["root"] + [f"{source}/d{d}" for d in range(1, n + 1)], [1.0, *scores])
 
 
 def test_cost_curve_interpolates_and_learns() -> None:
@@ -55,9 +56,21 @@ def test_overconfident_drafts_are_discounted_by_what_they_really_deliver() -> No
     for _ in range(100):  # the chosen trees promise ~3.5 accepted drafts and deliver none
         chosen = policy.select(promising)
         policy.observe(len(chosen), STEEP[1] * len(chosen), STEEP[1] * len(chosen), 0)
-    assert policy.calibration < 0.8
+    assert policy.calibration.factor("draft") < 0.8
     assert len(policy.select(promising)) == 1
 
+
+
+def test_one_kind_of_draft_overpromising_does_not_discount_another() -> None:
+    """Short matches that deliver nothing lose the policy's trust; long copies keep it."""
+    policy = SpeculationPolicy(CostCurve(STEEP), max_nodes=16)
+    weak, strong = _chain([0.95, 0.9, 0.85], "short"), _chain([0.95, 0.9, 0.85], "long")
+    for _ in range(100):
+        chosen = policy.select(weak)
+        policy.observe(len(chosen), STEEP[1] * len(chosen), STEEP[1] * len(chosen), 0)
+    assert len(policy.select(weak)) == 1
+    assert len(policy.select(strong)) > 1
+    assert policy.calibration.factor("long") == 1.0
 
 
 @pytest.mark.parametrize("curve", [STEEP, FLAT])
