@@ -78,15 +78,15 @@ class TokenRecyclingDrafter:
         tie = itertools.count()
         self._push_children(frontier, tie, 0, context[-1], 1.0, 1)
         gated = bool(frontier) and -frontier[0][0] < entry_score
-        if gated:
-            budget = 2
+        if gated:  # a probe: the first node, however weak, so that its estimate can rise
+            budget, min_score = 2, 0.0
         while frontier and len(builder.tokens) < budget and -frontier[0][0] >= min_score:
             neg_score, _, parent, rank, depth = heapq.heappop(frontier)
             token = int(self.matrix[builder.tokens[parent], rank])
             node = builder.add(parent, token, -neg_score, self._key(rank, depth))
             self._push_children(frontier, tie, node, token, -neg_score, depth + 1)
         tree = builder.build()
-        self._shadow.propose(context, tree)  # all of it: a gated estimate must be able to rise
+        self._shadow.propose(context, tree)
         return TokenTree.root(context[-1]) if gated else tree
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
