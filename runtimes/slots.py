@@ -25,6 +25,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
+from exporters.onnx import manifest_version
 from runtimes.base import MemoryReport
 from runtimes.reference_tokenizer import hf_tokenizer
 
@@ -156,7 +157,7 @@ class SlotBackend:
         if meta.get("format") != self.FORMAT:
             raise UserError(f"{path} is not an edgespec {self.KIND} export; "
                             f"use `{self.EXPORT_HINT}`")
-        version = int(meta.get("version", 1))
+        version = manifest_version(meta)
         if version < self.FORMAT_VERSION:
             raise UserError(f"{self.dir} was exported by an older edgespec (format version "
                             f"{version}); export it again with `{self.EXPORT_HINT}`")
