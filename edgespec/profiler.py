@@ -41,7 +41,7 @@ def probe_verify_cost(
 def profile(backend: Backend, *, sizes: tuple[int, ...] = PROBE_SIZES, context: int = 128,
             repeats: int = 5) -> tuple[int, dict[int, float]]:
     """Both probes on one prefilled context (a prefill saved at start-up): the largest
-    exact tree size, and the cost of verifying each size up to it."""
+    exact tree size, and the cost of verifying each probed size."""
     sizes = _fitting(backend, sizes)
     ids = _probe_ids(backend, context + max(sizes))
     try:
