@@ -64,26 +64,37 @@ class Calibration:
 
     def __init__(self, rate: float = 0.05) -> None:
         self._rate = rate
-        self._evidence: dict[str, list[float]] = {}  # kind -> [predicted, realised] EMAs
+        self._plain_steps = 0
+        # kind -> [predicted EMA, realised EMA, plain steps counted when last recorded]
+        self._evidence: dict[str, list[float]] = {}
 
     def factor(self, kind: str) -> float:
         """The correction for ``kind``'s scores (1.0 before any evidence)."""
-        predicted, realised = self._evidence.get(kind, (1.0, 1.0))
-        return min(1.5, max(0.3, realised / max(predicted, 1e-6)))
+        ev = self._evidence.get(kind)
+        if ev is None:
+            return 1.0
+        return min(1.5, max(0.3, self._realised(ev) / max(ev[0], 1e-6)))
 
     def best(self) -> float:
         """The largest correction any tree may get (a kind never seen gets 1.0)."""
         return max([1.0, *(self.factor(kind) for kind in self._evidence)])
 
     def record(self, kind: str, predicted: float, realised: int) -> None:
-        ev = self._evidence.setdefault(kind, [1.0, 1.0])
+        ev = self._evidence.setdefault(kind, [1.0, 1.0, self._plain_steps])
+        ev[1], ev[2] = self._realised(ev), self._plain_steps
         ev[0] += self._rate * (predicted - ev[0])
         ev[1] += self._rate * (realised - ev[1])
 
     def relax(self) -> None:
         """A step without speculation brings no evidence: slowly trust the drafts again."""
-        for ev in self._evidence.values():
-            ev[1] += 0.1 * self._rate * (ev[0] - ev[1])
+        self._plain_steps += 1
+
+    def _realised(self, ev: list[float]) -> float:
+        """The realised EMA, drawn towards the predicted one by every plain step since it
+        was recorded (counted, not applied step by step: plain steps are most steps)."""
+        predicted, realised, since = ev
+        keep = (1.0 - 0.1 * self._rate) ** (self._plain_steps - since)
+        return predicted + (realised - predicted) * keep
 
 
 class SpeculationPolicy:

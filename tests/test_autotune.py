@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgespec.autotune import CostCurve, SpeculationPolicy
+from edgespec.autotune import Calibration, CostCurve, SpeculationPolicy
 from edgespec.tree import TokenTree
 
 STEEP = {1: 9.0, 2: 16.0, 4: 25.0, 8: 35.0, 16: 60.0}  # llama.cpp on this 2-core CPU (ms)
@@ -59,6 +59,19 @@ def test_overconfident_drafts_are_discounted_by_what_they_really_deliver() -> No
     assert policy.calibration.factor("draft") < 0.8
     assert len(policy.select(promising)) == 1
 
+
+
+def test_plain_steps_slowly_restore_trust_in_a_discounted_kind() -> None:
+    calibration = Calibration()
+    for _ in range(60):
+        calibration.record("short", predicted=2.0, realised=0)
+    discounted = calibration.factor("short")
+    for _ in range(200):
+        calibration.relax()
+    assert discounted < calibration.factor("short") < 1.0
+    for _ in range(5000):
+        calibration.relax()
+    assert calibration.factor("short") == pytest.approx(1.0, abs=0.01)
 
 
 def test_one_kind_of_draft_overpromising_does_not_discount_another() -> None:
