@@ -51,6 +51,30 @@ def test_recycling_learns_from_the_text_that_followed_even_unverified_drafts() -
     assert d.draft(context, budget=2).scores[1] > before + 0.3
 
 
+def test_recycling_idles_while_its_nodes_are_never_verified() -> None:
+    """Unwanted, it drafts and updates its matrix on one step in eight; one of its nodes
+    being verified wakes it for good."""
+    d = TokenRecyclingDrafter(vocab_size=50, k=2)
+    d.matrix[1] = [2, 3]
+    plain = TokenTree.root(1)
+    for _ in range(40):  # the policy verifies none of its drafts
+        d.draft([0, 1], budget=4)
+        d.observe(plain, _logits_favouring([[4, 5]], 50), accepted=[0])
+    awake = []
+    for step in range(16):
+        tree = d.draft([0, 1], budget=4)
+        d.observe(plain, _logits_favouring([[10 + step, 30 + step]], 50), accepted=[0])
+        awake.append(len(tree) > 1)
+    assert sum(awake) == 2
+    last = max(i for i, a in enumerate(awake) if a)
+    assert d.matrix[1].tolist() == [10 + last, 30 + last]  # idle steps left it alone
+    tree = d.draft([0, 1], budget=4)
+    while len(tree) == 1:
+        tree = d.draft([0, 1], budget=4)
+    d.observe(tree, _logits_favouring([[8, 9]] * len(tree), 50), accepted=[0])
+    assert all(len(d.draft([0, 1], budget=4)) > 1 for _ in range(16))
+
+
 def _cycle_recycler() -> TokenRecyclingDrafter:
     """A recycling drafter whose matrix has learned the cycle 7 → 8 → 9 → 7."""
     d = TokenRecyclingDrafter(vocab_size=12, k=2)

@@ -89,6 +89,12 @@ class ShadowLog:
         if len(tree) > 1:
             self._pending.append((len(context), context[-1], tree))
 
+    def probe(self, context: Sequence[int], token: int, source: str, score: float) -> None:
+        """Propose the single node ``token`` after ``context``: the cheap way a gated drafter
+        keeps learning about the draft it did not make."""
+        self.propose(context, TokenTree([context[-1], token], [-1, 0], ["root", source],
+                                        [1.0, score]))
+
     def _resolve(self, context: Sequence[int]) -> None:
         still = []
         for pos, root, tree in self._pending:

@@ -26,9 +26,13 @@ class FusedDrafter:
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
         entry_score: float = 0.0,
     ) -> TokenTree:
+        trees = [tree for drafter in self.drafters
+                 if len(tree := drafter.draft(context, budget, min_score, entry_score)) > 1]
+        if len(trees) < 2:  # most steps: nothing, or one drafter's tree, to merge
+            return trees[0] if trees else TokenTree.root(context[-1])
         builder = TreeBuilder(context[-1])
-        for drafter in self.drafters:
-            builder.graft(drafter.draft(context, budget, min_score, entry_score))
+        for tree in trees:
+            builder.graft(tree)
         return builder.build()
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:

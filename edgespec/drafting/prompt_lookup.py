@@ -48,17 +48,17 @@ class PromptLookupDrafter:
         entry_score: float = 0.0,
     ) -> TokenTree:
         self._sync(context)
-        builder = TreeBuilder(context[-1])
         branches = self._branches(context, *self._longest_match(context))
-        gated = bool(branches) and self._first_score(branches[0]) < entry_score
-        # a tree that cannot pay is not built: its first node alone still goes to the
-        # shadow log, so the estimate of this kind of match keeps learning
-        self._add_branches(builder, context, branches[:1] if gated else branches,
-                           2 if gated else budget)
+        if branches and (first := self._first_score(branches[0])) < entry_score:
+            # a tree that cannot pay is not built: its first node alone still goes to the
+            # shadow log, so the estimate of this kind of match keeps learning
+            best = branches[0]
+            self._shadow.probe(context, context[best.start], self._key(best, 1), first)
+            return TokenTree.root(context[-1])
+        builder = TreeBuilder(context[-1])
+        self._add_branches(builder, context, branches, budget)
         tree = builder.build()
         self._shadow.propose(context, tree)  # all of it: weak keys must be able to improve
-        if gated:
-            return TokenTree.root(context[-1])
         keep = [i for i, score in enumerate(tree.scores) if score >= min_score]
         return tree if len(keep) == len(tree) else tree.prune(keep)
 
