@@ -18,7 +18,10 @@ first ``P`` slots are a *contiguous* prefix the runtime hands to OpenVINO withou
 RoPE is applied from ``position_ids`` through cos/sin tables, so positions are free of
 slots (a tree node sits at ``n_past + depth``). The q/k rows of every head are permuted from
 GGUF's adjacent-pair layout to the half-split layout (the dot products are unchanged), so
-RoPE is one split and one concat instead of strided gathers. Attention is one
+RoPE is one split and one concat instead of strided gathers, written exactly as OpenVINO's
+RoPE fusion pattern expects (VariadicSplit on axis 3, Multiply by -1): the CPU plugin then
+runs one RoPE kernel per q and k instead of six elementwise nodes (measured on SmolLM2 int8,
+2 threads: ~17.9 → 16.4 ms per single-token call). Attention is one
 ScaledDotProductAttention per layer with the query group folded into the query rows
 (``[1, n_kv, group * n, d]``), which is grouped-query attention without repeating K/V
 (the CPU plugin compiles it, with the mask and softmax, into one fused kernel).
@@ -99,10 +102,11 @@ class _Builder:
         return rows[0], rows[1]
 
     def rope(self, x: ov.Output, cos: ov.Node, sin: ov.Node) -> ov.Node:
-        """``x * cos + rotate_half(x) * sin`` on ``[1, n, heads, head_dim]``."""
+        """``x * cos + rotate_half(x) * sin`` on ``[1, n, heads, head_dim]``, in the form the
+        RoPE fusion pass matches (see the module docstring)."""
         half = self.cfg.head_dim // 2
-        first, second = op.variadic_split(x, _const(-1), _const([half, half])).outputs()
-        rotated = op.concat([op.negative(second), first], -1)
+        first, second = op.variadic_split(x, _const(3), _const([half, half])).outputs()
+        rotated = op.concat([op.multiply(second, _const(-1.0, np.float32)), first], -1)
         return op.add(op.multiply(x, cos), op.multiply(rotated, sin))
 
     def attention(self, i: int, h: ov.Output, rope: tuple[ov.Node, ov.Node],
