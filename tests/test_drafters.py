@@ -110,6 +110,18 @@ def test_shadow_log_judges_every_node_against_the_continuation() -> None:
     assert stats.rate("x/c") < 0.5  # a sibling that lost
 
 
+def test_a_probe_is_judged_by_the_token_that_followed_and_dropped_after_a_rewind() -> None:
+    stats = AcceptanceStats(prior=0.5)
+    log = ShadowLog(stats, "x")
+    log.probe([5, 9], 1, "x/hit")
+    log.probe([5, 9, 1], 2, "x/miss")  # judges the first probe: 1 did follow 9
+    log.probe([5, 9, 1, 3], 4, "x/moot")  # 3 followed, not 2
+    log.probe([7, 7], 4, "x/new")  # the context was replaced: the pending probe is moot
+    log.probe([7, 7, 4], 4, "x/new")
+    assert stats.rate("x/hit") > 0.5 > stats.rate("x/miss")
+    assert stats.rate("x/moot") == 0.5 and stats.rate("x/new") > 0.5
+
+
 @given(st.lists(st.integers(0, 9), min_size=4, max_size=60), st.integers(2, 12))
 def test_lookup_proposes_what_followed_the_longest_earlier_match(seq: list[int],
                                                                  budget: int) -> None:

@@ -64,9 +64,13 @@ class AcceptanceStats:
         for i in range(1, len(tree)):
             source = tree.sources[i]
             if tree.parents[i] in on_path and source.startswith(prefix):
-                counts = self._counts.setdefault(source, [0.0, 0.0])
-                counts[0] = counts[0] * self._keep + (i in on_path)
-                counts[1] = counts[1] * self._keep + 1.0
+                self.count(source, i in on_path)
+
+    def count(self, key: str, accepted: bool) -> None:
+        """One trial of ``key``: fade the old evidence, add this one."""
+        counts = self._counts.setdefault(key, [0.0, 0.0])
+        counts[0] = counts[0] * self._keep + accepted
+        counts[1] = counts[1] * self._keep + 1.0
 
 
 class ShadowLog:
@@ -82,6 +86,7 @@ class ShadowLog:
     def __init__(self, stats: AcceptanceStats, prefix: str) -> None:
         self.stats, self.prefix = stats, prefix
         self._pending: list[tuple[int, int, TokenTree]] = []  # (position, root token, tree)
+        self._probe: tuple[int, int, int, str] | None = None  # (position, root, token, key)
 
     def propose(self, context: Sequence[int], tree: TokenTree) -> None:
         """Remember ``tree``, drafted after ``context``; judge older proposals now decidable."""
@@ -89,13 +94,24 @@ class ShadowLog:
         if len(tree) > 1:
             self._pending.append((len(context), context[-1], tree))
 
-    def probe(self, context: Sequence[int], token: int, source: str, score: float) -> None:
-        """Propose the single node ``token`` after ``context``: the cheap way a gated drafter
-        keeps learning about the draft it did not make."""
-        self.propose(context, TokenTree([context[-1], token], [-1, 0], ["root", source],
-                                        [1.0, score]))
+    def probe(self, context: Sequence[int], token: int, source: str) -> None:
+        """Propose the single node ``token`` (feature ``source``) after ``context``.
+
+        This is how a gated drafter keeps learning about the draft it did not make, on
+        most steps; it is judged by the next call without building a tree, which matters
+        because every step's Python runs cache-cold after the engine's decode.
+        """
+        self._resolve(context)
+        self._probe = (len(context), context[-1], token, source)
 
     def _resolve(self, context: Sequence[int]) -> None:
+        if self._probe is not None:
+            pos, root, token, source = self._probe
+            if len(context) < pos or context[pos - 1] != root:
+                self._probe = None  # the context was rewound or replaced: moot
+            elif len(context) > pos:
+                self.stats.count(source, context[pos] == token)
+                self._probe = None
         still = []
         for pos, root, tree in self._pending:
             if pos > len(context) or context[pos - 1] != root:

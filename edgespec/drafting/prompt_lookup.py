@@ -49,11 +49,11 @@ class PromptLookupDrafter:
     ) -> TokenTree:
         self._sync(context)
         branches = self._branches(context, *self._longest_match(context))
-        if branches and (first := self._first_score(branches[0])) < entry_score:
+        if branches and self._first_score(branches[0]) < entry_score:
             # a tree that cannot pay is not built: its first node alone still goes to the
             # shadow log, so the estimate of this kind of match keeps learning
             best = branches[0]
-            self._shadow.probe(context, context[best.start], self._key(best, 1), first)
+            self._shadow.probe(context, context[best.start], self._key(best, 1))
             return TokenTree.root(context[-1])
         builder = TreeBuilder(context[-1])
         self._add_branches(builder, context, branches, budget)

@@ -84,8 +84,8 @@ class TokenRecyclingDrafter:
         children = self._children(root, 1.0, 1)
         first = max(children, default=None, key=lambda c: (c[0], -c[1]))
         if first is not None and first[0] < entry_score:  # a probe, however weak its node
-            score, rank = first
-            self._shadow.probe(context, int(self.matrix[root, rank]), self._key(rank, 1), score)
+            rank = first[1]
+            self._shadow.probe(context, int(self.matrix[root, rank]), self._key(rank, 1))
             return TokenTree.root(root)
         builder = TreeBuilder(root)
         frontier: list[tuple[float, int, int, int, int]] = []  # (-score, tie, parent, rank, depth)
