@@ -82,8 +82,8 @@ class SlotBackend:
     """The :class:`~runtimes.base.Backend` protocol on an edgespec export, engine aside.
 
     A subclass sets the export's constants, opens the model and calls :meth:`_open_export`,
-    and implements :meth:`_alloc`, :meth:`_pad_call`, :meth:`_evaluate`, :meth:`_open_graph`
-    and :meth:`_weight_bytes`.
+    and implements :meth:`_alloc`, :meth:`_evaluate`, :meth:`_open_graph` and
+    :meth:`_weight_bytes` (and :meth:`_pad_call` if its kernels need padded calls).
     """
 
     name: str
@@ -112,8 +112,9 @@ class SlotBackend:
 
     def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
                   offset: int) -> tuple[Sequence[int], Sequence[int], np.ndarray]:
-        """The call actually made, padded as the engine needs for batch invariance."""
-        raise NotImplementedError
+        """The call actually made, padded as the engine needs for batch invariance (as is,
+        unless the engine says otherwise)."""
+        return tokens, depth, visible
 
     def _evaluate(self, graph: Any, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
         """Run ``graph``; its new K/V rows land in slots ``offset..``; logits of the rows."""

@@ -8,8 +8,8 @@ its devices and options, chains exact at every cached length — and, on the pac
 SmolLM2 (slow), the claims that need a real model:
 
 * exactness: with ``batch_invariant`` a token's logits are *bit-identical* alone, in a
-  chain and on the best-scored branch of a tree (CPU kernels differ below 4 rows, so short
-  calls are padded), and after an accepted non-best branch (recomputed), so speculative
+  chain and on the best-scored branch of a tree (calls of any size; keys padded to whole
+  blocks), and after an accepted non-best branch (recomputed), so speculative
   greedy decoding emits exactly plain greedy decoding;
 * GGUF → ONNX → OpenVINO gives llama.cpp's greedy tokens (first 16, three dev prompts).
 """
