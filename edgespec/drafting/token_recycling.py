@@ -75,7 +75,9 @@ class TokenRecyclingDrafter:
         Below ``entry_score`` only the first node is proposed, to the shadow log alone. On a
         2-core CPU where two tokens cost 1.7× one, no recycled node was ever verified on the
         dev prompts (all came from lookup); the gate closes on two steps in three there and
-        saves their expansion without changing a decision. Where verifying is cheap it opens.
+        saves their expansion without changing a decision, and once none of its nodes has
+        been verified for a while the drafter idles (:meth:`_idle`). Where verifying is
+        cheap it opens.
         """
         self._steps += 1
         root = context[-1]
