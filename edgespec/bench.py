@@ -4,7 +4,12 @@ Absolute speed on a shared 2-core machine is noise; ratios measured back to back
 not. Every configuration — edgespec with a (backend, draft) pair, or a peer engine such as
 llama-cpp-python or OpenVINO GenAI — runs in a long-lived worker process of its own
 (:mod:`edgespec.peers`), warmed up, and every prompt turn goes to every configuration in
-turn, the order reversed on every other repetition.
+turn, the order reversed on every other repetition. Each repetition starts the workers
+afresh: a process's speed depends on where its model and cache landed in memory (two
+llama.cpp contexts of one model differed by up to 5% on identical calls; one 5-repetition
+run's math ratio moved 0.95–0.99 between runs with long-lived workers), so repetitions must
+be independent draws of that; and no drafter carries what it learned from one repetition's
+prompts into the next.
 
 All configurations get the same text: each turn is rendered once with the model's chat
 template (a plain transcript for models without one), multi-turn prompts carrying the
@@ -190,12 +195,16 @@ class Workers:
         self.versions: dict[str, str] = {}
         self.skipped = skipped
         self.console = console
+        self._launch: dict = {}  # how start() was called, for restart()
+        self._round = 0
 
     def start(self, configs: list[Config], model: Path, *, threads: int | None,
               stop_ids: list[int], logs: Path) -> None:
         """Export what peers need, then load every configuration concurrently."""
+        self._launch = {"model": model, "threads": threads, "stop_ids": stop_ids, "logs": logs}
+        suffix = f".r{self._round}" if self._round else ""
         for config in configs:
-            log = logs / f"{config.label.replace(':', '-')}.log"
+            log = logs / f"{config.label.replace(':', '-')}{suffix}.log"
             try:
                 path = model_for(config.model_format, model)
                 self.running[config.label] = Worker(config, path, threads=threads,
@@ -207,6 +216,15 @@ class Workers:
                 self.versions[label] = worker.wait_ready()
             except WorkerError as e:
                 self.drop(label, str(e))
+
+    def restart(self) -> None:
+        """New worker processes for the configurations still running (their logs get the
+        round's suffix, so the earlier ones stay)."""
+        configs = [worker.config for worker in self.running.values()]
+        self.close()
+        self.running.clear()
+        self._round += 1
+        self.start(configs, **self._launch)
 
     def ask(self, label: str, prompt: str, max_tokens: int) -> dict | None:
         try:
@@ -238,11 +256,14 @@ class Workers:
 
 def measure(workers: Workers, requests: list[Request], warmup: str, max_tokens: int,
             repeat: int, stop_ids: frozenset[int]) -> list[Measurement]:
-    """Interleave configurations turn by turn; reverse their order every other repetition."""
-    for label in list(workers.running):  # warm-up: caches, cost probe, drafter memory
-        workers.ask(label, warmup, WARMUP_TOKENS)
+    """Interleave configurations turn by turn; reverse their order every other repetition,
+    and give every repetition fresh worker processes (module docstring)."""
     rows: list[Measurement] = []
     for r in range(repeat):
+        if r:
+            workers.restart()
+        for label in list(workers.running):  # warm-up: caches, cost probe, drafter memory
+            workers.ask(label, warmup, WARMUP_TOKENS)
         for i, request in enumerate(requests, start=1):
             workers.console.log(f"repeat {r + 1}/{repeat} turn {i}/{len(requests)} "
                                 f"({request.prompt.category})")

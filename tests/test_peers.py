@@ -113,3 +113,27 @@ def test_an_edgespec_export_in_an_older_format_is_made_again(tiny_gguf: Path,
     manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"version": current - 1}))
     assert export(tiny_gguf, tmp_path) == out
     assert json.loads(manifest.read_text())["version"] == current
+
+
+def test_every_repetition_gets_fresh_workers(tiny_gguf: Path, tmp_path: Path) -> None:
+    """A restart replaces each worker's process (a new draw of where its model and cache
+    sit in memory) and keeps the earlier round's log."""
+    from rich.console import Console
+
+    from edgespec.bench import Workers
+
+    workers = Workers({}, Console(stderr=True))
+    config = edgespec_config("llamacpp", "fused", ctx=512, tree_size=None)
+    try:
+        workers.start([config], tiny_gguf, threads=2, stop_ids=[2], logs=tmp_path)
+        first = workers.running[config.label]
+        assert workers.ask(config.label, PROMPT, 4) is not None
+        workers.restart()
+        second = workers.running[config.label]
+        assert second is not first and second._proc.pid != first._proc.pid
+        assert workers.ask(config.label, PROMPT, 4) is not None
+        assert first._proc.poll() is not None  # the old process has ended
+    finally:
+        workers.close()
+    logs = sorted(p.name for p in tmp_path.iterdir())
+    assert logs == ["edgespec-llamacpp-fused.log", "edgespec-llamacpp-fused.r1.log"]
