@@ -2,14 +2,14 @@
 
 Absolute speed on a shared 2-core machine is noise; ratios measured back to back are
 not. Every configuration — edgespec with a (backend, draft) pair, or a peer engine such as
-llama-cpp-python or OpenVINO GenAI — runs in a long-lived worker process of its own
+llama-cpp-python or OpenVINO GenAI — runs in a worker process of its own
 (:mod:`edgespec.peers`), warmed up, and every prompt turn goes to every configuration in
 turn, the order reversed on every other repetition. Each repetition starts the workers
-afresh: a process's speed depends on where its model and cache landed in memory (two
-llama.cpp contexts of one model differed by up to 5% on identical calls; one 5-repetition
-run's math ratio moved 0.95–0.99 between runs with long-lived workers), so repetitions must
-be independent draws of that; and no drafter carries what it learned from one repetition's
-prompts into the next.
+afresh (a worker lives for one pass over the prompts): a process's speed depends on where
+its model and cache landed in memory (two llama.cpp contexts of one model differed by up to
+5% on identical calls; one 5-repetition run's math ratio moved 0.95–0.99 between runs with
+long-lived workers), so repetitions must be independent draws of that; and no drafter
+carries what it learned from one repetition's prompts into the next.
 
 All configurations get the same text: each turn is rendered once with the model's chat
 template (a plain transcript for models without one), multi-turn prompts carrying the

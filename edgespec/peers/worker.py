@@ -3,8 +3,8 @@
 Peers whose dependencies conflict with edgespec's run in their own virtualenvs, so this
 script imports nothing from edgespec: it runs under any Python, and the engine adapter is a
 sibling module ``peer_<name>.py`` (found because Python puts this script's folder first on
-``sys.path``). A long-lived worker per configuration pays model loading once and measures
-each prompt as one request, interleaved with the other configurations' workers.
+``sys.path``). A worker per configuration (and repetition) pays model loading once and
+measures each prompt as one request, interleaved with the other configurations' workers.
 
 Protocol: ``worker.py NAME OPTIONS_JSON``. The worker answers ``{"ready": true, "version"}``
 (or ``{"error"}``) once loaded, then one line per request line ``{"prompt", "max_tokens"}``:
