@@ -92,7 +92,7 @@ class PromptLookupDrafter:
 
     def _first_score(self, branch: _Branch) -> float:
         """The estimate of the best branch's first node (the highest score in the tree)."""
-        return self.stats.rate(self._key(branch, 1), _FIRST_PRIOR[branch.kind][branch.bucket])
+        return self.stats.rate(self._key(branch, 1), _prior(branch, 1))
 
     def _key(self, branch: _Branch, depth: int) -> str:
         return f"{self.name}/m{branch.bucket}/{branch.kind}/d{min(depth, 4)}"
@@ -121,8 +121,7 @@ class PromptLookupDrafter:
                 if len(builder.tokens) >= budget:
                     return
                 key = self._key(branch, depth)
-                prior = (_FIRST_PRIOR[branch.kind] if depth == 1 else _DEEP_PRIOR)[branch.bucket]
-                score *= self.stats.rate(key, prior)
+                score *= self.stats.rate(key, _prior(branch, depth))
                 parent = builder.add(parent, token, score, key)
 
     def _sync(self, context: Sequence[int]) -> None:
@@ -143,6 +142,11 @@ class PromptLookupDrafter:
         for end in range(max(known, 1), len(self._seen) + 1):
             for n in range(1, min(self.max_ngram, end) + 1):
                 self._index.setdefault(tuple(self._seen[end - n:end]), []).append(end)
+
+
+def _prior(branch: _Branch, depth: int) -> float:
+    """The prior acceptance of ``branch``'s node at ``depth``, given its parent's."""
+    return (_FIRST_PRIOR[branch.kind] if depth == 1 else _DEEP_PRIOR)[branch.bucket]
 
 
 def _match_length(context: Sequence[int], start: int, end: int, known: int) -> int:
