@@ -38,13 +38,13 @@ FORMAT_VERSION = 1
 EXPORT_HINT = "edgespec export MODEL --to onnx -o OUT"
 # the inputs the runtime feeds; a graph lacking any of them was not made by this exporter
 REQUIRED_INPUTS = ("input_ids", "position_ids", "attn_mask", "logits_rows")
+BITS = {"int8": 8, "int4": 4}
+MIN_ROPE_POSITIONS = 4096
 
 
 def manifest_version(meta: dict) -> int:
     """The format version a manifest records (exports made before versioning are 1)."""
     return int(meta.get("version", 1))
-BITS = {"int8": 8, "int4": 4}
-MIN_ROPE_POSITIONS = 4096
 
 
 def _load_source(src: Path) -> tuple[LlamaWeights, ByteLevelTokenizer, TokenizerInfo]:
