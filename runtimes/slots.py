@@ -125,6 +125,11 @@ class SlotBackend:
         width); an engine whose graph pads its keys may ask for more than it fills."""
         return offset + rows
 
+    def _graph_for(self, rows: int) -> Any:
+        """The main model's graph to verify ``rows`` rows with (one graph, unless the engine
+        pays for changing a call's shape and keeps one per kind of call)."""
+        return self._main
+
     def _open_graph(self, path: Path) -> Any:
         """A runnable early-exit graph from its file."""
         raise NotImplementedError
@@ -240,7 +245,7 @@ class SlotBackend:
         slot = np.empty(len(tree), np.int64)
         slot[order] = np.arange(len(tree))
         visible = tree.ancestor_mask()[np.ix_(order, order)]
-        logits = self._run(self._main, [tree.tokens[i] for i in order],
+        logits = self._run(self._graph_for(len(tree)), [tree.tokens[i] for i in order],
                            [tree.depth[i] for i in order], visible, self.n_past,
                            np.arange(len(tree)))
         self._pending = (tree, self.n_past, slot)
@@ -263,8 +268,8 @@ class SlotBackend:
         src, dst = offset + slot[path], self.n_past + np.arange(len(path))
         if self.batch_invariant and not np.array_equal(src, dst):
             chain = np.tril(np.ones((len(path), len(path)), bool))
-            self._run(self._main, [tree.tokens[i] for i in path], range(len(path)), chain,
-                      self.n_past, np.array([0]))
+            self._run(self._graph_for(len(path)), [tree.tokens[i] for i in path],
+                      range(len(path)), chain, self.n_past, np.array([0]))
         elif not np.array_equal(src, dst):
             lead = (0,) + (slice(None),) * (self.SLOT_AXIS - 1)
             for buffer in self._k + self._v:

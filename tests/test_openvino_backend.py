@@ -164,3 +164,17 @@ def test_chains_are_exact_at_every_cached_length(backend, ids) -> None:
         backend.commit([0])
         assert np.array_equal(chain, np.asarray(singles)), f"after {cached} cached tokens"
     backend.truncate(0)
+
+
+def test_trees_run_on_a_second_compilation_that_memory_counts(exported: Path, ids) -> None:
+    """Plain decoding keeps one compiled model; the first tree adds the copy that spares
+    single-token steps the CPU plugin's re-preparation for a new row count."""
+    b = OpenVinoBackend(exported, n_ctx=128, threads=1, max_tree_nodes=16)
+    b.prefill(ids[:8])
+    b.verify(TokenTree.root(ids[8]))
+    b.commit([0])
+    single = b.memory().weights
+    b.verify(TokenTree.chain(ids[9], ids[10:12]))
+    b.commit([0, 1, 2])
+    assert b.memory().weights == 2 * single
+    b.close()
