@@ -131,12 +131,13 @@ class Engine:
     def measure_verify_cost(self, sizes: Sequence[int], *, context: int = 300,
                             repeats: int = 1) -> dict[int, float]:
         """Seconds one verify call of each of ``sizes`` tokens takes after ``context`` cached
-        tokens, on this engine's backend (the cache is emptied: the next prompt is prefilled)."""
+        tokens, in a run of calls of that size, on this engine's backend (the cache is
+        emptied: the next prompt is prefilled)."""
         with self._lock:
             loop = self._decode_loop(speculative=False)
             loop.cached.clear()
             return probe_verify_cost(self.backend, sizes=tuple(sizes), context=context,
-                                     repeats=repeats)
+                                     repeats=repeats, warm=True)
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """The ids :meth:`generate` feeds the model for ``prompt``: special tokens parsed,

@@ -86,8 +86,9 @@ def verify_cost_table(results: dict) -> tuple[list[str], list[list[str]]]:
 def _verify_title(results: dict) -> str:
     cost = results["verify_cost"]
     return (f"Verify cost: one call of n tokens (a chain) after {cost['context']} cached "
-            f"tokens, relative to one token; medians of {cost['rounds']} rounds, backends "
-            "probed in turn")
+            f"tokens, timed after an untimed call of the same size (a run of that size), "
+            f"relative to one token; medians of {cost['rounds']} rounds, backends probed "
+            "in turn")
 
 
 def print_tables(results: dict, console: Console) -> None:

@@ -38,3 +38,16 @@ def test_cost_probe_measures_every_size(tiny_gguf: Path) -> None:
     with closing(open_backend(tiny_gguf, "llamacpp", n_ctx=512, threads=2)) as b:
         cost = probe_verify_cost(b, repeats=2)
     assert sorted(cost) == list(PROBE_SIZES) and all(c > 0 for c in cost.values())
+
+
+@pytest.mark.parametrize(("warm", "calls_per_size"), [(False, 1), (True, 2)])
+def test_a_warm_probe_times_each_size_after_a_call_of_that_size(
+        tiny_gguf: Path, warm: bool, calls_per_size: int) -> None:
+    """A warm probe leaves out what a backend pays when a call's shape changes: each timed
+    call follows an untimed one of the same size."""
+    with closing(open_backend(tiny_gguf, "llamacpp", n_ctx=512, threads=2)) as b:
+        sizes = []
+        verify = b.verify
+        b.verify = lambda tree: sizes.append(len(tree)) or verify(tree)
+        probe_verify_cost(b, sizes=(1, 4), repeats=2, warm=warm)
+    assert sizes == [n for _ in range(2) for n in (1, 4) for _ in range(calls_per_size)]
