@@ -178,8 +178,8 @@ class OnnxBackend(SlotBackend):
 
     def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
                   offset: int) -> tuple[Sequence[int], Sequence[int], np.ndarray]:
-        """A lone token becomes two rows (see the module docstring)."""
-        if len(tokens) == 1:
+        """A lone token becomes two rows for batch invariance (see the module docstring)."""
+        if len(tokens) == 1 and self.batch_invariant:
             return [tokens[0]] * 2, [depth[0], depth[0] + 1], np.array([[True, False],
                                                                         [True, True]])
         return tokens, depth, visible

@@ -36,10 +36,12 @@ trees run on a second compiled copy of the model, made on first use: single-toke
 stay on the first, which changes shape once per prompt (its prefill). Trees are padded to
 :data:`TREE_BUCKET` rows (16, 32… above that; the extra rows see only themselves), so the
 second seldom changes shape either: a tree of up to 8 costs ~1.3× a single step whatever
-came before it, instead of 1.1-1.5× plus the 5 ms whenever the size changed. The copy costs
-~65 MB of resident memory on SmolLM2 int8 and is counted in :meth:`memory`; plain decoding
-never makes it. Speculative decoding on the dev prompts (bench, 3 repetitions): 1.67× the
-backend's plain decoding with one compiled model, 1.83× with two, 1.90× with padded trees.
+came before it, instead of 1.1-1.5× plus the 5 ms whenever the size changed. Speculative
+decoding on the dev prompts (bench, 3 repetitions): 1.67× the backend's plain decoding with
+one compiled model, 1.83× with two, 1.90× with padded trees. The copy is not cheap: once it
+has run, the process holds ~330 MB more on SmolLM2 int8 (the plugin's repacked weights and
+buffers; bench peak RSS 566 → 888 MiB), of which :meth:`memory` counts the weight file
+again. Plain decoding never makes it, and ``tree_graph=False`` keeps one compiled model.
 
 KV precision: ``f32`` buffers, or ``f16`` (half the memory; OpenVINO converts at the
 graph's edge). OpenVINO's own ``KV_CACHE_PRECISION`` (u8, grouped) applies to caches that
@@ -134,6 +136,7 @@ class OpenVinoBackend(SlotBackend):
         prefill_chunk: int = 256,
         export_dir: str | Path | None = None,
         batch_invariant: bool = True,
+        tree_graph: bool = True,
         properties: dict | None = None,
     ) -> None:
         """Open an edgespec OpenVINO export (its directory or its ``openvino_model.xml``).
@@ -143,7 +146,9 @@ class OpenVinoBackend(SlotBackend):
         ``precision`` is OpenVINO's INFERENCE_PRECISION_HINT (``f32`` for exact results,
         None for the device's default, e.g. bf16); ``batch_invariant=False`` gives up bit-exact
         speculation (no padding; an accepted non-best branch's rows are moved, not
-        recomputed). ``properties`` go to ``compile_model`` on top of the defaults.
+        recomputed). ``tree_graph=False`` verifies trees on the single-token model instead
+        of a second compiled copy (less memory, slower speculation: module docstring).
+        ``properties`` go to ``compile_model`` on top of the defaults.
         """
         if ov is None:
             raise UserError("the OpenVINO backend needs openvino; install edgespec[openvino]")
@@ -167,7 +172,8 @@ class OpenVinoBackend(SlotBackend):
         self.batch_invariant = batch_invariant
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
-        self._trees: _Graph | None = None
+        self._tree_graph = tree_graph
+        self._trees: _Graph | None = None  # the copy trees run on (module docstring)
         self._open_export(self._manifest(), n_ctx)
 
     def _exporter(self) -> Callable[..., Path]:
@@ -178,7 +184,7 @@ class OpenVinoBackend(SlotBackend):
     def _graph_for(self, rows: int) -> _Graph:
         """Trees go to a second compilation of the model, made on first use (module
         docstring: a call whose row count differs from the last one costs ~5 ms)."""
-        if rows == 1:
+        if rows == 1 or not self._tree_graph:
             return self._main
         if self._trees is None:
             self._trees = self._open_graph(self._model_file)

@@ -112,8 +112,8 @@ class SlotBackend:
 
     def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
                   offset: int) -> tuple[Sequence[int], Sequence[int], np.ndarray]:
-        """The call actually made, padded as the engine needs for batch invariance (as is,
-        unless the engine says otherwise)."""
+        """The call actually made, padded as the engine needs (for batch invariance, or for
+        fewer shape changes); as is, unless the engine says otherwise."""
         return tokens, depth, visible
 
     def _evaluate(self, graph: Any, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
@@ -197,8 +197,7 @@ class SlotBackend:
     def _run(self, graph: Any, tokens: Sequence[int], depth: Sequence[int],
              visible: np.ndarray, offset: int, rows: np.ndarray) -> np.ndarray:
         """Evaluate ``tokens`` into slots ``offset..``; logits of ``rows``."""
-        if self.batch_invariant:
-            tokens, depth, visible = self._pad_call(tokens, depth, visible, offset)
+        tokens, depth, visible = self._pad_call(tokens, depth, visible, offset)
         feeds = {
             "input_ids": np.asarray([tokens], np.int64),
             "position_ids": self.n_past + np.asarray([depth], np.int64),
