@@ -289,10 +289,11 @@ class SlotBackend:
         its own rows *after* a pending verification's, so nothing committed or pending
         changes.
         """
-        graph = self._main if exit_layer == self.n_layer else self._exit_graph(exit_layer)
         tree = ids_or_tree
         if not isinstance(tree, TokenTree):
             tree = TokenTree.chain(ids_or_tree[0], ids_or_tree[1:])
+        full = exit_layer == self.n_layer
+        graph = self._graph_for(len(tree)) if full else self._exit_graph(exit_layer)
         offset = self.n_past + (len(self._pending[0]) if self._pending else 0)
         self._check_room(tree, offset)
         return self._run(graph, tree.tokens, tree.depth, tree.ancestor_mask(), offset,
