@@ -152,12 +152,13 @@ def test_reference_matches_transformers(
     errors["prefill"] = _rel_err(prefill, _hf_logits(model, PROMPT)[-1])
 
     verified = backend.verify(TREE)
-    for path in TREE.iter_paths():
+    paths = [TREE.path_to(leaf) for leaf in TREE.leaves()]
+    for path in paths:
         tokens = [TREE.tokens[i] for i in path]
         theirs = _hf_logits(model, PROMPT + tokens)[len(PROMPT) :]
         errors[f"path {path}"] = _rel_err(verified[path], theirs)
 
-    first = next(TREE.iter_paths())
+    first = paths[0]
     backend.commit(first)
     context = PROMPT + [TREE.tokens[i] for i in first] + AFTER_COMMIT
     errors["after commit"] = _rel_err(backend.prefill(AFTER_COMMIT), _hf_logits(model, context)[-1])
