@@ -42,9 +42,11 @@ FORMAT = "edgespec-openvino-decoder"
 # 2: the graph appends zero K/V rows up to the mask's width (older graphs need padding rows)
 # 3: RoPE in the form OpenVINO's CPU plugin fuses (version 2 graphs ran ~8% slower)
 # 4: attention in the MHA pattern, queries scaled instead of keys (version 3: ~8% slower)
-FORMAT_VERSION = 4
+# 5: K/V windows bound across calls + kv_slots scatter, one new_kv output, group-major
+#    query heads (version 4: ~7% slower plain decoding on the dev prompts)
+FORMAT_VERSION = 5
 EXPORT_HINT = "edgespec export MODEL --to openvino -o OUT"
-REQUIRED_INPUTS = ("input_ids", "position_ids", "attn_mask", "logits_rows")
+REQUIRED_INPUTS = ("input_ids", "position_ids", "attn_mask", "logits_rows", "kv_slots")
 
 Rope = tuple[np.ndarray, np.ndarray]
 

@@ -6,14 +6,24 @@ exports, its SkipSimplifiedLayerNormalization; nor would GQA's in-place shared b
 carry over. (An ONNX export is read back as weights instead: exporters/onnx_weights.py.)
 Here the KV cache lives in buffers the runtime
 owns, one per layer and kind, laid out slot-major ``[capacity, n_kv, head_dim]`` so that the
-first ``P`` slots are a *contiguous* prefix the runtime hands to OpenVINO without a copy:
+first ``W`` slots are a *contiguous* window the runtime hands to OpenVINO without a copy:
 
-* inputs ``input_ids, position_ids [1, n]``, ``attn_mask [1, 1, n, W]``, W ≥ P + n
-  (additive, 0 or -inf: which cached slots and which new tokens each new token sees — a
-  token tree; columns past P + n face zero rows the graph appends, see :func:`_zero_rows`),
-  ``logits_rows [m]`` and ``past_key_i / past_value_i [1, P, n_kv, head_dim]``;
-* outputs ``logits [1, m, vocab]`` and only the new rows' ``new_key_i / new_value_i
-  [1, n, n_kv, head_dim]`` (after RoPE), which the runtime writes into its buffers.
+* inputs ``input_ids, position_ids [1, n]``, ``attn_mask [1, 1, n, W]`` (additive, 0 or
+  -inf: which slots each new token sees — a token tree), ``logits_rows [m]``,
+  ``kv_slots [n]`` (the slots the new rows go to, inside the window) and
+  ``past_key_i / past_value_i [1, W, n_kv, head_dim]``: the buffers' first W slots,
+  whatever the slots past the cache hold (masked; finite, so they add exact zeros);
+* outputs ``logits [1, m, vocab]`` and the new rows of every layer, ``new_kv [2, layers,
+  n, n_kv, head_dim]`` (keys, then values; after RoPE), which the runtime writes into its
+  buffers in one copy.
+
+Each layer attends over ``ScatterUpdate(window, kv_slots, new rows)``. The runtime widens W
+to a multiple of 16 slots for exactness (runtimes/openvino.py), so a single-token step's
+window is the same tensor for 16 steps in a row and stays bound to the request between
+calls: against version 4, which bound a ``[1, P]`` past and a ``[1, n]`` output per layer
+and kind on every call and concatenated them (plus zero rows up to the mask's width), a
+single-token step with 300 cached tokens went from ~16.1 to ~15.3 ms (SmolLM2 int8, 2
+threads, interleaved in one process; bit-identical logits).
 
 RoPE is applied from ``position_ids`` through cos/sin tables, so positions are free of
 slots (a tree node sits at ``n_past + depth``). The q/k rows of every head are permuted from
@@ -24,15 +34,17 @@ runs one RoPE kernel per q and k instead of six elementwise nodes (measured on S
 2 threads: ~17.9 → 16.4 ms per single-token call).
 
 Attention is written out — scaled queries, MatMul, mask Add, Softmax, MatMul — in the
-shape of the CPU plugin's MHA pattern: Transposes (0, 2, 1, 3) on the queries and values
-and (0, 2, 3, 1) on the keys, which it folds into one fused kernel that reads the
-concatenated ``[1, W, n_kv, d]`` K/V through strides instead of copying them transposed.
+shape of the CPU plugin's MHA pattern, with Transposes (0, 2, 1, 3) on queries, keys and
+values and the keys' MatMul transposed, which it runs as one fused kernel reading queries
+and values through strides. (The keys' transpose stays a copy of the window per layer,
+~35 µs at 300 slots; in the (0, 2, 3, 1) form of version 4 as well.)
 Grouped-query attention without repeating K/V: the query group is folded into the query
-rows (``[1, n * group, n_kv, d]``, token-major, the mask repeated to match). The 1/sqrt(d)
-scale multiplies the few query rows: ScaledDotProductAttention given a scale multiplied
-every cached key row of every layer on every call instead. Against one SDPA op, these two
-changes took a single-token step with 300 cached tokens from ~16.9 to ~15.6 ms (SmolLM2
-int8, 2 threads, interleaved in one process; format version 4).
+rows (``[1, n * group, n_kv, d]``, token-major, the mask repeated to match). The query heads
+are stored group-major (:func:`group_major`, and ``wo``'s input columns to match), so that
+fold is a reshape: the two 5-D transposes per layer it took before cost ~5% of a
+single-token step. The 1/sqrt(d) scale multiplies the few query rows:
+ScaledDotProductAttention given a scale multiplied every cached key row of every layer on
+every call instead (format version 4: ~16.9 → ~15.6 ms per step at 300 cached tokens).
 """
 
 from __future__ import annotations
@@ -59,6 +71,13 @@ def half_split_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, d, out)[:, order].reshape(n_heads * d, out)
 
 
+def group_major(w: np.ndarray, n_kv: int, group: int, head_dim: int) -> np.ndarray:
+    """Reorder the query heads' rows from kv-major (head ``h * group + j``) to group-major
+    (``j * n_kv + h``): the heads then fold into token-major query rows by a reshape alone."""
+    out = w.shape[1]
+    return w.reshape(n_kv, group, head_dim, out).transpose(1, 0, 2, 3).reshape(-1, out)
+
+
 def _const(array: np.ndarray | list, dtype: type = np.int64) -> ov.Node:
     return op.constant(np.asarray(array, dtype=dtype))
 
@@ -71,7 +90,7 @@ class _Builder:
         self.group = self.cfg.n_head // self.cfg.n_head_kv
         self.inputs: dict[str, ov.Node] = {}
         self.outputs: list[ov.Output] = []
-        self.key_pad: ov.Node | None = None  # zero K/V rows up to the mask's width
+        self.new_rows: dict[str, list[ov.Output]] = {"key": [], "value": []}  # per layer
 
     def param(self, name: str, shape: list[int], dtype: ov.Type) -> ov.Node:
         node = op.parameter(ov.PartialShape(shape), dtype, name=name)
@@ -119,10 +138,11 @@ class _Builder:
 
     def attention(self, i: int, h: ov.Output, rope: tuple[ov.Node, ov.Node],
                   mask: ov.Node) -> ov.Node:
-        """QKV, RoPE, attention over ``past + new`` rows; the new K/V rows become outputs."""
+        """QKV, RoPE, attention over the window with the new K/V rows in their slots."""
         cfg, lw = self.cfg, self.w.layers[i]
         nh, nkv, d, g = cfg.n_head, cfg.n_head_kv, cfg.head_dim, self.group
-        wqkv = np.concatenate([half_split_rows(lw.wq, nh), half_split_rows(lw.wk, nkv), lw.wv])
+        wq = group_major(half_split_rows(lw.wq, nh), nkv, g, d)
+        wqkv = np.concatenate([wq, half_split_rows(lw.wk, nkv), lw.wv])
         qkv = self.linear(h, wqkv)
         q, k, v = op.variadic_split(qkv, _const(-1), _const([nh * d, nkv * d, nkv * d])).outputs()
         q = self.rope(op.reshape(q, _const([0, 0, nh, d]), special_zero=True), *rope)
@@ -130,25 +150,19 @@ class _Builder:
         v = op.reshape(v, _const([0, 0, nkv, d]), special_zero=True)
         both = {}
         for kind, new in (("key", k), ("value", v)):
-            self.result(f"new_{kind}_{i}", new.output(0))
-            past = self.param(f"past_{kind}_{i}", [1, -1, nkv, d], ov.Type.f32)
-            if self.key_pad is None:
-                self.key_pad = _zero_rows(past, new, mask, [nkv, d])
-            both[kind] = op.concat([past, new, self.key_pad], 1)
-        # queries [1, n, nkv, g, d] → [1, n * g, nkv, d], token-major (module docstring)
-        qg = op.transpose(op.reshape(q, _const([0, 0, nkv, g, d]), special_zero=True),
-                          _const([0, 1, 3, 2, 4]))
-        qg = op.reshape(qg, _const([0, -1, nkv, d]), special_zero=True)
+            self.new_rows[kind].append(new.output(0))
+            window = self.param(f"past_{kind}_{i}", [1, -1, nkv, d], ov.Type.f32)
+            both[kind] = op.scatter_update(window, self.inputs["kv_slots"], new, _const(1))
+        # queries [1, n, g * nkv, d] (group-major heads) → [1, n * g, nkv, d], token-major
+        qg = op.reshape(q, _const([0, -1, nkv, d]), special_zero=True)
         qg = op.multiply(qg, _const(1.0 / np.sqrt(d), np.float32))
         qt = op.transpose(qg, _const([0, 2, 1, 3]))
-        kt = op.transpose(both["key"], _const([0, 2, 3, 1]))
-        vt = op.transpose(both["value"], _const([0, 2, 1, 3]))
-        scores = op.add(op.matmul(qt, kt, False, False), mask)
+        kt, vt = (op.transpose(both[kind], _const([0, 2, 1, 3])) for kind in ("key", "value"))
+        scores = op.add(op.matmul(qt, kt, False, True), mask)
         att = op.matmul(op.softmax(scores, -1), vt, False, False)
         att = op.transpose(att, _const([0, 2, 1, 3]))  # [1, n * g, nkv, d]
-        att = op.transpose(op.reshape(att, _const([0, -1, g, nkv, d]), special_zero=True),
-                           _const([0, 1, 3, 2, 4]))
-        return self.linear(op.reshape(att, _const([0, -1, nh * d]), special_zero=True), lw.wo)
+        wo = group_major(lw.wo.T, nkv, g, d).T  # its input columns in the heads' new order
+        return self.linear(op.reshape(att, _const([0, -1, nh * d]), special_zero=True), wo)
 
     def mlp(self, i: int, h: ov.Output) -> ov.Node:
         """SwiGLU, gate and up in one product."""
@@ -156,22 +170,6 @@ class _Builder:
         gate_up = self.linear(h, np.concatenate([lw.w_gate, lw.w_up]))
         gate, up = op.split(gate_up, _const(-1), 2).outputs()
         return self.linear(op.multiply(op.swish(gate), up), lw.w_down)
-
-
-def _zero_rows(past: ov.Node, new: ov.Node, mask: ov.Node, row: list[int]) -> ov.Node:
-    """Zero K/V rows after the new ones, as many as the mask is wider than past + new.
-
-    The runtime makes every call's key length a multiple of 16 this way (masked slots add
-    exact zeros) instead of evaluating padding rows: the CPU plugin's attention sums keys
-    in blocks of 16, and a row's logits only stay bit-exact across calls if every call's
-    keys fill whole blocks.
-    """
-    def dim(node: ov.Node, axis: int) -> ov.Node:
-        return op.gather(op.shape_of(node), _const([axis]), _const(0))
-
-    extra = op.subtract(op.subtract(dim(mask, 3), dim(past, 1)), dim(new, 1))
-    shape = op.concat([_const([1]), extra, _const(row)], 0)
-    return op.broadcast(op.constant(np.float32(0.0)), shape)
 
 
 def _check_supported(cfg: LlamaConfig) -> None:
@@ -198,6 +196,7 @@ def build_decoder(w: LlamaWeights, rope: tuple[np.ndarray, np.ndarray], *,
     b.param("position_ids", [1, -1], ov.Type.i64)
     mask = b.param("attn_mask", [1, 1, -1, -1], ov.Type.f32)
     rows = b.param("logits_rows", [-1], ov.Type.i64)
+    b.param("kv_slots", [-1], ov.Type.i64)
     mask = op.reshape(mask, _const([1, -1, 1, 0]), special_zero=True)  # [1, n, 1, W]
     mask = op.reshape(op.tile(mask, _const([1, 1, b.group, 1])), _const([1, 1, -1, 0]),
                       special_zero=True)  # [1, 1, n*g, W]: g rows per token, t-major
@@ -211,6 +210,10 @@ def build_decoder(w: LlamaWeights, rope: tuple[np.ndarray, np.ndarray], *,
     h = op.gather(b.rms_norm(x, w.out_norm), rows, _const(1))
     head = embed if w.lm_head is w.embed else w.lm_head
     b.result("logits", b.linear(h, head).output(0))
-    params = [b.inputs[n] for n in ("input_ids", "position_ids", "attn_mask", "logits_rows")]
+    rows_of_all = op.concat(b.new_rows["key"] + b.new_rows["value"], 0)  # [2 * layers, n, …]
+    shape = _const([2, n_layers, -1, cfg.n_head_kv, cfg.head_dim])
+    b.result("new_kv", op.reshape(rows_of_all, shape, special_zero=False).output(0))
+    params = [b.inputs[n] for n in ("input_ids", "position_ids", "attn_mask", "logits_rows",
+                                           "kv_slots")]
     params += [p for name, p in b.inputs.items() if name.startswith("past_")]
     return ov.Model(b.outputs, params, "edgespec_decoder")

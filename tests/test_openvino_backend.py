@@ -182,3 +182,28 @@ def test_trees_run_on_a_second_compilation_that_memory_counts(exported: Path, id
     b.commit([0, 1, 2])
     assert b.memory().weights == (2 if tree_graph else 1) * single
     b.close()
+
+
+def test_stale_rows_past_the_cache_change_nothing(exported: Path, backend, ids) -> None:
+    """The K/V windows stay bound across calls and reach past the cache into slots a
+    rejected tree or a rewind left behind; masked, they must not move a logit."""
+    fresh = OpenVinoBackend(exported, n_ctx=128, threads=1, max_tree_nodes=16)
+    ids = (ids * 8)[:30]
+    try:
+        steps = []
+        for b, litter in ((fresh, False), (backend, True)):
+            b.truncate(0)
+            b.prefill(ids[:8])
+            if litter:  # fill the slots after the cache with rows nobody keeps
+                b.verify(TokenTree.chain(ids[20], ids[21:30]))
+                b.commit([0])
+                b.truncate(8)
+            logits = []
+            for token in ids[8:12]:
+                logits.append(b.verify(TokenTree.root(token))[0].copy())
+                b.commit([0])
+            steps.append(np.asarray(logits))
+        assert np.array_equal(steps[0], steps[1])
+    finally:
+        fresh.close()
+        backend.truncate(0)
