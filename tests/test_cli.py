@@ -68,3 +68,13 @@ def test_ctrl_c_stops_cleanly() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_peak_rss_is_this_process_s_not_the_parent_s() -> None:
+    """ru_maxrss survives exec: a bench worker spawned after the bench grew would report
+    the bench's peak as its own."""
+    ballast = bytearray(b"x" * (400 * 2**20))  # the parent's peak: >= 400 MiB more
+    code = "from edgespec.engine import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    assert child < len(ballast), f"the child reports {child / 2**20:.0f} MiB"

@@ -42,6 +42,19 @@ def _error(e: BaseException) -> dict:
     return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _peak_rss_bytes() -> int:
+    """Peak RSS of this process image: ``VmHWM``, since ``ru_maxrss`` survives ``exec``
+    and would report the bench's own peak (as edgespec.engine.peak_rss_bytes does)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main() -> int:
     out = _protocol_stream()
     name, options = sys.argv[1], json.loads(sys.argv[2])
@@ -56,7 +69,7 @@ def main() -> int:
         request = json.loads(line)
         try:
             result = getattr(engine, request.pop("op", "generate"))(**request)
-            result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            result["peak_rss_bytes"] = _peak_rss_bytes()
         except Exception as e:  # noqa: BLE001 - one failed prompt must not end the run
             result = _error(e)
         _send(out, result)
