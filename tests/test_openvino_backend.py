@@ -207,3 +207,21 @@ def test_stale_rows_past_the_cache_change_nothing(exported: Path, backend, ids) 
     finally:
         fresh.close()
         backend.truncate(0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_a_cache_costs_memory_only_for_the_slots_written() -> None:
+    """The KV array holds every layer's slab back to back; writing the first slot of 32
+    slabs of 3 MiB must not map a 2 MiB huge page each (as numpy's own zeros may)."""
+    from runtimes.openvino import _lazy_zeros
+
+    kv = _lazy_zeros((2, 16, 4096, 3, 64), np.float32)  # 2 x 16 slabs of 3 MiB
+    before = _rss_bytes()
+    kv[:, :, 0] = 1.0
+    assert _rss_bytes() - before < 8 * 2**20
+    assert kv.sum() == 2 * 16 * 3 * 64 and not kv[:, :, 1:].any()
