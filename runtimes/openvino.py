@@ -1,12 +1,11 @@
 """Backend on OpenVINO, running edgespec's tree-capable decoder IR (exporters/openvino_graph.py).
 
-The KV cache is numpy: one ``[2, layers, capacity, n_kv, head_dim]`` array, slot-major
-per layer and kind, so the first ``W`` slots of each are a contiguous window. OpenVINO gets
-those windows as ``past_*`` (``ov.Tensor`` views sharing the array's memory, bound once per
-width) and the slots of the call's rows as ``kv_slots``; the graph scatters the new rows
-into its copy of each window, attends, and returns them as ``new_kv``, which lands in
-the array in one copy. (Inside the graph that scatter is still a copy of the window per
-layer: O(W), growing with the context.)
+The KV cache is numpy: one ``[2, layers, n_kv, capacity, head_dim]`` array, each layer's
+and kind's slab bound to the compiled model once, whole, as its ``past_*`` input (an
+``ov.Tensor`` sharing the array's memory). A call passes the slots of its rows as
+``kv_slots``; the graph slices the first W slots, scatters the new rows in, attends, and
+returns the rows as ``new_kv``, which lands in the array in one copy. (Inside the graph
+that slice is a copy of the window per layer and kind: O(W), growing with the context.)
 
 Slots and positions are decoupled exactly as in runtimes/onnxrt.py: a tree is verified
 at slot ``n_past`` (best-scored path in consecutive slots), its RoPE positions are
@@ -20,11 +19,11 @@ has — single steps and chains of 2, 5 and 16 agree bit for bit at every cached
 sum over the keys is ordered differently when the call's key length (cached + new rows)
 crosses a multiple of 16 between a tree and the single steps that would have produced the
 same tokens (measured: max |Δlogit| 0.4–1.2 at cached lengths ≡ 9..11 mod 16 for a 4-token
-chain). So every call's window is widened to a multiple of :data:`KV_BLOCK` slots, the
-slots after its rows masked (they add exact zeros): the keys fill whole blocks without
-evaluating padding rows, and a key's place in the sum is its slot whatever the call. An
-accepted path that is not the best-scored one is recomputed as a chain, since its rows were
-summed with gaps.
+chain). So every call's window (the mask's width) is widened to a multiple of
+:data:`KV_BLOCK` slots, the slots after its rows masked (they add exact zeros): the keys
+fill whole blocks without evaluating padding rows, and a key's place in the sum is its
+slot whatever the call. An accepted path that is not the best-scored one is recomputed as
+a chain, since its rows were summed with gaps.
 ``batch_invariant=False`` skips the key padding and gives up exactness. (Calls of 1–3 rows
 used to be padded to 4 as well; with the key padding that is not needed, and plain steps are
 ~2.6 ms faster without it. The profiler still checks exactness on every engine's first
@@ -105,9 +104,9 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
 class _Graph:
     """One compiled model (full or early exit) and its infer request, fed from the buffers.
 
-    The ``past_*`` inputs stay bound to the buffers' first ``width`` slots until a call
-    needs another width, and ``new_kv`` to a scratch array until the row count changes:
-    binding all 60 tensors of SmolLM2 on every call cost ~0.7 ms of a ~12 ms step.
+    The ``past_*`` inputs are bound to the whole cache once, and ``new_kv`` to a scratch
+    array until the row count changes: binding all 60 K/V tensors of SmolLM2 on every call
+    cost ~0.7 ms of a ~12 ms step.
     """
 
     def __init__(self, compiled: ov.CompiledModel) -> None:
@@ -115,36 +114,37 @@ class _Graph:
         self.inputs = {p.get_any_name(): i for i, p in enumerate(compiled.inputs)}
         self.outputs = {p.get_any_name(): i for i, p in enumerate(compiled.outputs)}
         self.n_layers = sum(1 for name in self.inputs if name.startswith("past_key_"))
-        self._width = 0  # the window the past_* inputs are bound to
-        self._rows = np.empty((2, self.n_layers, 0))  # scratch new_kv is bound to
+        self._bound = False  # the past_* inputs: bound to the whole cache once
+        self._rows = np.empty((2, self.n_layers, 0, 0))  # scratch new_kv is bound to
 
     def run(self, feeds: dict[str, np.ndarray], kv: np.ndarray, offset: int) -> np.ndarray:
         """Logits ``[m, vocab]`` (a copy); K/V of the new rows land in slots ``offset..``
-        of ``kv`` ``[2, layers, capacity, n_kv, head_dim]``."""
-        n, width = feeds["input_ids"].shape[1], feeds["attn_mask"].shape[-1]
+        of ``kv`` ``[2, layers, n_kv, capacity, head_dim]``."""
+        n = feeds["input_ids"].shape[1]
         request = self.request
         feeds = feeds | {"kv_slots": np.arange(offset, offset + n, dtype=np.int64)}
         for name, array in feeds.items():
             request.set_input_tensor(self.inputs[name], ov.Tensor(array))
-        if width != self._width:
+        if not self._bound:
             for i in range(self.n_layers):
                 for j, kind in enumerate(("key", "value")):
-                    window = ov.Tensor(kv[j, i : i + 1, :width], shared_memory=True)
-                    request.set_input_tensor(self.inputs[f"past_{kind}_{i}"], window)
-            self._width = width
-        if self._rows.shape[2] != n:
-            self._rows = np.empty((2, self.n_layers, n, *kv.shape[3:]), kv.dtype)
+                    cache = ov.Tensor(kv[j, i : i + 1], shared_memory=True)
+                    request.set_input_tensor(self.inputs[f"past_{kind}_{i}"], cache)
+            self._bound = True
+        if self._rows.shape[3] != n:
+            n_kv, head_dim = kv.shape[2], kv.shape[4]
+            self._rows = np.empty((2, self.n_layers, n_kv, n, head_dim), kv.dtype)
             request.set_output_tensor(self.outputs["new_kv"],
                                       ov.Tensor(self._rows, shared_memory=True))
         request.infer()
-        kv[:, : self.n_layers, offset : offset + n] = self._rows
+        kv[:, : self.n_layers, :, offset : offset + n] = self._rows
         return request.get_output_tensor(self.outputs["logits"]).data[0].copy()
 
 
 class OpenVinoBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on OpenVINO (KV in shared numpy buffers)."""
 
-    name, KIND, SUFFIX, SLOT_AXIS = "openvino", "OpenVINO", ".xml", 1
+    name, KIND, SUFFIX, SLOT_AXIS = "openvino", "OpenVINO", ".xml", 2
     MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MODEL_FILE
     FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
 
@@ -237,7 +237,7 @@ class OpenVinoBackend(SlotBackend):
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
         # whole KV_BLOCKs: a call's window, widened to a block edge, always fits
         self.capacity = -(-(self.n_ctx + 2 * self.max_tree_nodes) // KV_BLOCK) * KV_BLOCK
-        shape = (2, self.n_layer, self.capacity, n_kv, head_dim)
+        shape = (2, self.n_layer, n_kv, self.capacity, head_dim)
         dtype = KV_PRECISIONS[self.kv_precision]
         self._kv = _lazy_zeros(shape, dtype)  # one array: a call's new rows land in one copy
         self._k = [self._kv[0, i : i + 1] for i in range(self.n_layer)]

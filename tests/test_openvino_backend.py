@@ -216,12 +216,12 @@ def _rss_bytes() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_a_cache_costs_memory_only_for_the_slots_written() -> None:
-    """The KV array holds every layer's slab back to back; writing the first slot of 32
-    slabs of 3 MiB must not map a 2 MiB huge page each (as numpy's own zeros may)."""
+    """The KV array holds every layer's and head's rows back to back; writing the first
+    slot of 96 slabs of 1 MiB must not map a 2 MiB huge page each (as numpy's zeros may)."""
     from runtimes.openvino import _lazy_zeros
 
-    kv = _lazy_zeros((2, 16, 4096, 3, 64), np.float32)  # 2 x 16 slabs of 3 MiB
+    kv = _lazy_zeros((2, 16, 3, 4096, 64), np.float32)  # 2 x 16 x 3 slabs of 1 MiB
     before = _rss_bytes()
-    kv[:, :, 0] = 1.0
+    kv[:, :, :, 0] = 1.0
     assert _rss_bytes() - before < 8 * 2**20
-    assert kv.sum() == 2 * 16 * 3 * 64 and not kv[:, :, 1:].any()
+    assert kv.sum() == 2 * 16 * 3 * 64 and not kv[:, :, :, 1:].any()
