@@ -87,6 +87,23 @@ def test_a_draft_between_verify_and_commit_changes_nothing(backend, reference, i
     np.testing.assert_allclose(backend.verify(after), reference.verify(after), atol=ATOL)
 
 
+def test_without_batch_invariance_an_off_best_path_is_moved_into_place(
+        engine: SlotEngine, exported: Path, reference, ids) -> None:
+    """``batch_invariant=False`` commits a path off the best-scored branch by moving its
+    K/V rows down along the buffers' slot axis, not by recomputing them."""
+    fast = engine.open(exported, n_ctx=64, threads=1, batch_invariant=False)
+    tree = TokenTree(ids[4:8], [-1, 0, 0, 2], scores=[1.0, 0.9, 0.1, 0.1])
+    assert tree.best_first()[:2] == [0, 1]  # so the path [0, 2, 3] leaves the best branch
+    for b in (fast, reference):
+        b.truncate(0)
+        b.prefill(ids[:4])
+        b.verify(tree)
+        b.commit([0, 2, 3])
+    after = TokenTree.root(ids[11])
+    np.testing.assert_allclose(fast.verify(after), reference.verify(after), atol=ATOL)
+    fast.close()
+
+
 def test_limits_are_errors(backend, ids) -> None:
     backend.truncate(0)
     with pytest.raises(ValueError, match="max_tree_nodes=16"):
