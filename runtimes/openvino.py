@@ -91,6 +91,11 @@ def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
     return ppp.build()
 
 
+def _whole_blocks(slots: int) -> int:
+    """``slots`` rounded up to a multiple of :data:`KV_BLOCK`."""
+    return -(-slots // KV_BLOCK) * KV_BLOCK
+
+
 def _lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     """Zeros in 4 KiB pages mapped on first write. numpy asks the kernel for huge pages on
     arrays over 4 MiB, and then writing each layer's first slots maps 2 MiB per layer and
@@ -236,7 +241,7 @@ class OpenVinoBackend(SlotBackend):
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
         # whole KV_BLOCKs: a call's window, widened to a block edge, always fits
-        self.capacity = -(-(self.n_ctx + 2 * self.max_tree_nodes) // KV_BLOCK) * KV_BLOCK
+        self.capacity = _whole_blocks(self.n_ctx + 2 * self.max_tree_nodes)
         shape = (2, self.n_layer, n_kv, self.capacity, head_dim)
         dtype = KV_PRECISIONS[self.kv_precision]
         self._kv = _lazy_zeros(shape, dtype)  # one array: a call's new rows land in one copy
@@ -248,7 +253,7 @@ class OpenVinoBackend(SlotBackend):
         """The call's keys rounded up to whole ``KV_BLOCK`` blocks (module docstring)."""
         if not self.batch_invariant:
             return offset + rows
-        return -(-(offset + rows) // KV_BLOCK) * KV_BLOCK
+        return _whole_blocks(offset + rows)
 
     def _evaluate(self, graph: _Graph, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
         return graph.run(feeds, self._kv, offset)
