@@ -39,7 +39,13 @@ stay on the first, which changes shape once per prompt (its prefill). Trees are 
 second seldom changes shape either: a tree of up to 8 costs ~1.3× a single step whatever
 came before it, instead of 1.1-1.5× plus the 5 ms whenever the size changed. Speculative
 decoding on the dev prompts (bench, 3 repetitions): 1.67× the backend's plain decoding with
-one compiled model, 1.83× with two, 1.90× with padded trees. The copy is not cheap: once it
+one compiled model, 1.83× with two, 1.90× with padded trees. How much more 8 rows cost
+depends on the cores the host really gives: 1.24-1.29× one row with both of this machine's
+2 cores free, 1.49-1.56× in stretches when they are contended, which is what 8 rows cost
+with one thread (1.55×): 8 rows are compute-bound, one row is memory-bound, so losing a core
+slows one row by ~13% and 8 rows by ~40% (SmolLM2 int8, 300 cached tokens, interleaved in one
+process; OpenVINO's per-node counters are no guide here: their sums miss up to 4 ms of an
+8-row call in some runs and exceed the wall time in others). The copy is not cheap: once it
 has run, the process holds ~330 MB more on SmolLM2 int8 (the plugin's repacked weights and
 buffers; bench peak RSS 566 → 888 MiB), of which :meth:`memory` counts the weight file
 again. Plain decoding never makes it, and ``tree_graph=False`` keeps one compiled model.
