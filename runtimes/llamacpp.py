@@ -94,7 +94,8 @@ class LlamaCppBackend:
         self.threads = threads or default_threads()
         self.max_tree_nodes = max_tree_nodes
         self._model = self._load_model(Path(path))
-        self._ctx = self._new_context(n_ctx, n_batch)
+        capacity = max(n_batch, max_tree_nodes)  # tokens per llama_decode: a prompt chunk or a tree
+        self._ctx = self._new_context(n_ctx, capacity)
         self._vocab = llm.llama_model_get_vocab(self._model)
         self._mem = llm.llama_get_memory(self._ctx)
         self.vocab_size = llm.llama_vocab_n_tokens(self._vocab)
@@ -104,8 +105,8 @@ class LlamaCppBackend:
         self.n_batch = llm.llama_n_batch(self._ctx)
         self._compute_bytes = self._log.compute_buffer_bytes()
         self.n_past = 0
-        self._batch = llm.llama_batch_init(max(n_batch, max_tree_nodes), 0, max_tree_nodes)
-        self._batch_arrays = _batch_arrays(self._batch, max(n_batch, max_tree_nodes))
+        self._batch = llm.llama_batch_init(capacity, 0, max_tree_nodes)
+        self._batch_arrays = _batch_arrays(self._batch, capacity)
         self._piece = ctypes.create_string_buffer(256)
         self._logits_at: int | None = None  # where llama.cpp's output buffer is
         self._logits_views: dict[int, np.ndarray] = {}
@@ -128,7 +129,7 @@ class LlamaCppBackend:
     def _new_context(self, n_ctx: int, n_batch: int) -> llm.llama_context_p:
         params = llm.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = max(n_batch, self.max_tree_nodes)
+        params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = self.max_tree_nodes
         params.kv_unified = True  # branches share the context's cells instead of copies
         params.n_threads = params.n_threads_batch = self.threads
