@@ -20,6 +20,15 @@ def test_llamacpp_without_llamafile_is_exact_at_every_probed_size(tiny_gguf: Pat
         assert b.n_past == 0  # the probe leaves the cache empty
 
 
+def test_llamacpp_batches_of_every_size_are_exact_on_the_shipped_q4_1_model(
+        smollm_path: Path) -> None:
+    """SmolLM2's Q4_1 layers and Q8_0 head take the 2x2 dot kernels of runtimes/patches for
+    each pair of a batch's tokens and the one-column kernel for an odd last one; every batch
+    size must still give the logits of one token at a time."""
+    with closing(open_backend(smollm_path, "llamacpp", n_ctx=512, threads=2)) as b:
+        assert profile(b, sizes=tuple(range(1, 17)), repeats=1)[0] == 16
+
+
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
                     reason="onnxruntime not installed")
 def test_a_lone_row_evaluated_differently_is_caught(tiny_gguf: Path, tmp_path: Path) -> None:
