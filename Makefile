@@ -13,8 +13,8 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 LLAMA_CPP   := 0.3.36
-LLAMA_BUILD := $(LLAMA_CPP)+edgespec.dot2x2
 LLAMA_PATCH := runtimes/patches/llama-cpp-python-$(LLAMA_CPP)-x86-dot-2x2.patch
+LLAMA_BUILD := $(shell sed -n 's/^+__version__ = "\(.*\)"$$/\1/p' $(LLAMA_PATCH))
 LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
 PROMPT      ?= Summarize in two sentences: speculative decoding lets a small, fast guesser propose several tokens that the large model then checks in one pass, so the output is exactly what the large model would write, only sooner.
