@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 from edgespec.tree import TokenTree
 
+OUTLIER = 2.0  # a verify time beyond this factor of the estimate is a stall, not the cost
+
 
 class CostCurve:
     """Seconds per verify call of n tokens: a measured probe, refined by every real step."""
@@ -42,11 +44,20 @@ class CostCurve:
         return self._cost[lo] + slope * (n - lo)
 
     def update(self, n: int, seconds: float) -> None:
-        """Blend a measured step into the curve (sizes never seen are added as measured)."""
+        """Blend a measured step into the curve (sizes never seen are added as measured).
+
+        A sample is first held within a factor ``OUTLIER`` of the current estimate: one
+        stalled call (another process took the cores; llama.cpp's spinning threads make
+        that 100× a step) would otherwise make one token look as dear as a tree for tens
+        of steps, and the policy verify drafts that cannot pay. A lasting change still
+        arrives, a tenth of the way per step.
+        """
         if n not in self._cost:
             self._cost[n] = self(n)
             bisect.insort(self._sizes, n)
-        self._cost[n] += self._smoothing * (seconds - self._cost[n])
+        current = self._cost[n]
+        seconds = min(max(seconds, current / OUTLIER), current * OUTLIER)
+        self._cost[n] += self._smoothing * (seconds - current)
 
     def as_dict(self) -> dict[int, float]:
         return dict(self._cost)
@@ -163,7 +174,9 @@ class SpeculationPolicy:
         """Learn from a finished step: its verify time, the loop's own overhead and how many
         drafts were accepted against how many the chosen tree promised."""
         self.cost.update(n, verify_s)
-        self.overhead_s += 0.1 * (step_s - verify_s - self.overhead_s)
+        # the loop's own time beyond a whole plain step is a stall (GC, the OS), not overhead
+        overhead = min(step_s - verify_s, self.cost(1))
+        self.overhead_s += 0.1 * (overhead - self.overhead_s)
         self._steps += 1
         if n > 1:
             self.calibration.record(*self._last_choice, accepted)

@@ -25,6 +25,24 @@ def test_cost_curve_interpolates_and_learns() -> None:
     assert 16.0 < c(2) < 26.0
 
 
+def test_one_stalled_call_does_not_distort_the_curve() -> None:
+    """A plain step that stalled 100x (the cores were taken) moves c(1) as a 2x sample
+    would, so two tokens never look cheaper than one; a lasting change is still learned."""
+    c = CostCurve(STEEP)
+    c.update(1, 900.0)
+    assert c(1) == pytest.approx(9.9)
+    assert c(2) > c(1)
+    for _ in range(40):
+        c.update(1, 18.0)
+    assert c(1) == pytest.approx(18.0, rel=0.05)
+
+
+def test_a_stalled_step_is_not_taken_for_loop_overhead() -> None:
+    policy = SpeculationPolicy(CostCurve(STEEP), max_nodes=16)
+    policy.observe(1, 9.0, 9.0 + 500.0)
+    assert policy.overhead_s == pytest.approx(0.1 * 9.0)
+
+
 def test_weak_drafts_are_not_verified_on_a_steep_curve() -> None:
     policy = SpeculationPolicy(CostCurve(STEEP), max_nodes=16)
     assert len(policy.select(_chain([0.5, 0.25, 0.12]))) == 1
