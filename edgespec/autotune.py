@@ -49,7 +49,7 @@ class CostCurve:
         A sample is first held within a factor ``OUTLIER`` of the current estimate: one
         stalled call (another process took the cores; llama.cpp's spinning threads make
         that 100× a step) would otherwise make one token look as dear as a tree for tens
-        of steps, and the policy verify drafts that cannot pay. A lasting change still
+        of steps, and the policy would verify drafts that cannot pay. A lasting change still
         arrives, a tenth of the way per step.
         """
         if n not in self._cost:
