@@ -77,7 +77,7 @@ wheel: $(BIN)/python
 		src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 		$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $$src llama-cpp-python==$(LLAMA_CPP) && \
 		tar xzf $$src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $$src && \
-		patch -s -p1 -d $$src/llama_cpp_python-$(LLAMA_CPP) < $(LLAMA_PATCH) && \
+		git -C $$src/llama_cpp_python-$(LLAMA_CPP) apply -p1 $(CURDIR)/$(LLAMA_PATCH) && \
 		CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/python -m pip wheel -q --no-deps -w $$src/wheel $$src/llama_cpp_python-$(LLAMA_CPP) && \
 		mkdir -p $(WHEELS) && mv $$src/wheel/llama_cpp_python-*.whl $(WHEELS)/; \
