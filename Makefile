@@ -5,7 +5,7 @@
 # It is built without llamafile's sgemm kernels: with them, llama.cpp evaluates a batch of
 # tokens with other kernels than a single token, so verifying a draft tree would not give
 # bit-identical logits to plain decoding (see docs/architecture.md, "Exactness"). And it is
-# built with runtimes/patches/*.patch: 2x2 q4_1/q8_0 dot kernels for x86 AVX-512 that make a
+# built with runtimes/patches/*.patch: 2x2 and 2x4 q4_1/q8_0 dot kernels for x86 AVX-512 that make a
 # batch of tokens cheaper than one column at a time and stay bit-identical to it (the patch
 # says why). The cache directory is named after the patch's hash, so a changed patch rebuilds.
 
@@ -13,7 +13,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 LLAMA_CPP   := 0.3.36
-LLAMA_PATCH := runtimes/patches/llama-cpp-python-$(LLAMA_CPP)-x86-dot-2x2.patch
+LLAMA_PATCH := runtimes/patches/llama-cpp-python-$(LLAMA_CPP)-x86-batched-dot.patch
 LLAMA_BUILD := $(shell sed -n 's/^+__version__ = "\(.*\)"$$/\1/p' $(LLAMA_PATCH))
 LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
