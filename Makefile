@@ -5,7 +5,7 @@
 # It is built without llamafile's sgemm kernels: with them, llama.cpp evaluates a batch of
 # tokens with other kernels than a single token, so verifying a draft tree would not give
 # bit-identical logits to plain decoding (see docs/architecture.md, "Exactness"). And it is
-# built with runtimes/patches/*.patch: 2x2 and 2x4 q4_1/q8_0 dot kernels for x86 AVX-512 that make a
+# built with runtimes/patches/*.patch: batched q4_1/q8_0/f16 dot kernels for x86 AVX-512 that make a
 # batch of tokens cheaper than one column at a time and stay bit-identical to it (the patch
 # says why). The cache directory is named after the patch's hash, so a changed patch rebuilds.
 
