@@ -30,9 +30,11 @@ test: install-test
 
 # The standard comparison: edgespec vs every peer on SmolLM2-135M and Gemma-3-270M, then
 # docs/benchmarks.md from the raw results. Run it on an otherwise idle machine: llama.cpp's
-# threads spin-wait, so any other load collapses its speed.
+# threads spin-wait, so any other load collapses its speed. Two repetitions (~25 min): one
+# pass over twelve configurations put edgespec's and llama-cpp-python's plain decoding (the
+# same llama.cpp calls) 9% apart on a category; a second reverses the order with new workers.
 BENCH_OUT   ?= bench-out
-BENCH_FLAGS ?= --prompts ../shared/prompts/dev.jsonl --peers all --backend llamacpp,onnx,openvino -n 128
+BENCH_FLAGS ?= --prompts ../shared/prompts/dev.jsonl --peers all --backend llamacpp,onnx,openvino -n 128 --repeat 2
 BENCH_MODELS := smollm2-135m gemma3-270m
 
 bench: install peers
