@@ -22,10 +22,10 @@ def test_llamacpp_without_llamafile_is_exact_at_every_probed_size(tiny_gguf: Pat
 
 def test_llamacpp_batches_of_every_size_are_exact_on_the_shipped_q4_1_model(
         smollm_path: Path) -> None:
-    """SmolLM2's Q4_1 layers and Q8_0 head take the 2x4 and 2x2 dot kernels of
-    runtimes/patches for each four and two of a batch's tokens and the one-column kernel for
-    an odd last one, its f16 attention the 2x2 one; every batch size must still give the
-    logits of one token at a time."""
+    """SmolLM2's Q4_1 layers and Q8_0 head take the 2x4 dot kernel of runtimes/patches for
+    each four of a batch's tokens (and for three, the third given twice), the 2x2 one for two
+    and the one-column kernel for a last single one, its f16 attention the 2x2 one; every
+    batch size must still give the logits of one token at a time."""
     with closing(open_backend(smollm_path, "llamacpp", n_ctx=512, threads=2)) as b:
         assert profile(b, sizes=tuple(range(1, 17)), repeats=1)[0] == 16
 
