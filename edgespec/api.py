@@ -123,8 +123,7 @@ class Engine:
         """
         ids = [*self.tokenize(prompt), *tokens]
         with self._lock:
-            loop = self._decode_loop(speculative=False)
-            loop.cached.clear()
+            self._decode_loop(speculative=False).forget()
             self.backend.truncate(0)
             return self.backend.prefill(ids)
 
@@ -134,8 +133,7 @@ class Engine:
         tokens, in a run of calls of that size, on this engine's backend (the cache is
         emptied: the next prompt is prefilled)."""
         with self._lock:
-            loop = self._decode_loop(speculative=False)
-            loop.cached.clear()
+            self._decode_loop(speculative=False).forget()
             return probe_verify_cost(self.backend, sizes=tuple(sizes), context=context,
                                      repeats=repeats, warm=True)
 
@@ -178,7 +176,7 @@ class Engine:
         if self._loop is None:
             self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1))
         if speculative and self._policy is None:
-            self._loop.cached.clear()
+            self._loop.forget()
             exact, cost = profile(self.backend)
             self.tree_size = min(self.tree_size, exact)
             curve = CostCurve(cost)

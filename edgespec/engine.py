@@ -83,12 +83,25 @@ def peak_rss_bytes() -> int:
 
 
 class DecodeLoop:
-    """Runs generations on one backend; remembers which tokens its KV cache holds."""
+    """Runs generations on one backend; remembers which tokens its KV cache holds.
+
+    ``prefilled`` counts the cached rows a prompt prefill computed. Only those are ever
+    reused, and only in whole :attr:`Backend.prefill_chunk`-aligned chunks: a reused row was
+    then evaluated in the very batch a fresh engine evaluates it in, so a prompt gives the
+    same logits however the cache was reached (K-quant kernels sum a long batch and one token
+    in different orders, and a near-tie flips on that).
+    """
 
     def __init__(self, backend: Backend, policy: SpeculationPolicy) -> None:
         self.backend = backend
         self.policy = policy
         self.cached: list[int] = []
+        self.prefilled = 0
+
+    def forget(self) -> None:
+        """The backend's cache was used for something else: reuse nothing from it."""
+        self.cached.clear()
+        self.prefilled = 0
 
     def generate(
         self,
@@ -126,18 +139,22 @@ class DecodeLoop:
             stats.decode_s = time.perf_counter() - start
 
     def _prefill(self, prompt: Sequence[int]) -> np.ndarray:
-        """Reuse the cached prefix of ``prompt`` (multi-turn) and evaluate the rest."""
+        """Reuse the cached prefix of ``prompt`` (multi-turn) and evaluate the rest, in the
+        chunks a fresh prefill evaluates: starts at multiples of ``prefill_chunk``."""
         if len(prompt) >= self.backend.n_ctx:
             raise UserError(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.backend.n_ctx}; "
                 "shorten the prompt or raise -c/--ctx-size"
             )
-        keep = _common_prefix(self.cached, prompt)
-        keep = min(keep, len(prompt) - 1)  # the last prompt token must be evaluated for logits
+        chunk = self.backend.prefill_chunk
+        # the last prompt token must be evaluated for logits, in its own chunk's batch
+        keep = min(_common_prefix(self.cached, prompt), self.prefilled, len(prompt) - 1)
+        keep -= keep % chunk
         self.backend.truncate(keep)
-        del self.cached[keep:]
-        logits = self.backend.prefill(prompt[keep:])
-        self.cached.extend(prompt[keep:])
+        for start in range(keep, len(prompt), chunk):
+            logits = self.backend.prefill(prompt[start:start + chunk])
+        self.cached = list(prompt)
+        self.prefilled = len(prompt)
         return logits
 
     def _tokens(

@@ -60,6 +60,10 @@ class Backend(Protocol):
     n_ctx: int
     n_past: int
     tokenizer: TokenizerInfo
+    prefill_chunk: int
+    """The most tokens one :meth:`prefill` evaluates as a batch. The decode loop prefills a
+    prompt in chunks starting at multiples of it, so a reused prefix was evaluated in the
+    same batches as a fresh one."""
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         """Token ids of ``text``; ``special`` parses control tokens like ``<|im_end|>``."""
@@ -68,7 +72,10 @@ class Backend(Protocol):
         """Raw bytes of ``ids``; may end inside a UTF-8 character."""
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Append ``ids`` to the KV cache and return the logits after the last one."""
+        """Append ``ids`` to the KV cache and return the logits after the last one.
+
+        At most :attr:`prefill_chunk` ids are evaluated as one batch.
+        """
 
     def verify(self, tree: TokenTree) -> np.ndarray:
         """Evaluate every node of ``tree`` after the cached context: logits ``[n_nodes, vocab]``.

@@ -82,7 +82,7 @@ class LlamaCppBackend:
         n_ctx: int = 4096,
         threads: int | None = None,
         max_tree_nodes: int = 64,
-        n_batch: int = 512,
+        prefill_chunk: int = 64,
         device: str | None = None,
     ) -> None:
         if llm is None:
@@ -94,7 +94,7 @@ class LlamaCppBackend:
         self.threads = threads or default_threads()
         self.max_tree_nodes = max_tree_nodes
         self._model = self._load_model(Path(path))
-        capacity = max(n_batch, max_tree_nodes)  # tokens per llama_decode: a prompt chunk or a tree
+        capacity = max(prefill_chunk, max_tree_nodes)  # tokens per llama_decode: a chunk or a tree
         self._ctx = self._new_context(n_ctx, capacity)
         self._vocab = llm.llama_model_get_vocab(self._model)
         self._mem = llm.llama_get_memory(self._ctx)
@@ -102,7 +102,7 @@ class LlamaCppBackend:
         # llama.cpp pads the context to a multiple of 256 and caps the batch at it; the
         # caller's context size stays the limit so that errors name the number it gave
         self.n_ctx = min(n_ctx, llm.llama_n_ctx(self._ctx))
-        self.n_batch = llm.llama_n_batch(self._ctx)
+        self.prefill_chunk = min(prefill_chunk, llm.llama_n_batch(self._ctx))
         self._compute_bytes = self._log.compute_buffer_bytes()
         self.n_past = 0
         self._batch = llm.llama_batch_init(capacity, 0, max_tree_nodes)
@@ -185,8 +185,8 @@ class LlamaCppBackend:
         if not ids:
             raise ValueError("prefill needs at least one token")
         self._require_room(len(ids))
-        for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start:start + self.n_batch]
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
             last = logits and start + len(chunk) == len(ids)
             self._fill(chunk, [self.n_past + i for i in range(len(chunk))], [[0]] * len(chunk),
                        outputs="last" if last else "none")

@@ -64,11 +64,12 @@ def test_adaptive_default_matches_plain_decoding(smollm_path, dev_prompts, plain
 def test_gemma_forced_speculation_matches_plain(dev_prompts) -> None:
     """Gemma-3's Q4_K_M evaluates batches of 8+ tokens with other kernels than one token
     on this CPU: the engine must find that (profiler.profile) and keep trees
-    below it. Before it did, 5 of 11 forced turns diverged here."""
+    below it. Before it did, 5 of 11 forced turns diverged here. Every dev prompt: the
+    speculative run reuses the plain run's prompt, so this also checks prefix reuse."""
     from edgespec.models import gemma_model_path
 
     with edgespec.load(gemma_model_path(), ctx=2048, tree_size=16, adaptive=False) as engine:
-        for p in dev_prompts[::3]:
+        for p in dev_prompts:
             prompt = f"User: {p['turns'][0]}\nAssistant:"
             plain = engine.generate(prompt, max_tokens=32, draft="none").token_ids
             assert engine.generate(prompt, max_tokens=32).token_ids == plain, f"prompt {p['id']}"
