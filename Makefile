@@ -27,7 +27,7 @@ LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPL
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
 PROMPT      ?= Summarize in two sentences: speculative decoding lets a small, fast guesser propose several tokens that the large model then checks in one pass, so the output is exactly what the large model would write, only sooner.
 
-.PHONY: run test lint bench install install-test wheel system-deps llama-cflags llama-version clean
+.PHONY: run test fuzz lint bench install install-test wheel system-deps llama-cflags llama-version clean
 
 run: install
 	$(BIN)/edgespec run -n 128 -p "$(PROMPT)"
@@ -35,6 +35,12 @@ run: install
 test: install-test
 	$(BIN)/ruff check edgespec runtimes exporters apps tests
 	$(BIN)/python -m pytest -q
+
+# GGUF fuzzing (tests/gguf_fuzz.py): mutants of real files through the validator, the ones
+# it accepts through llama.cpp in a worker process; prints the cases run and any crash found
+FUZZ_CASES ?= 10000
+fuzz: install-test
+	$(BIN)/python -m tests.gguf_fuzz -n $(FUZZ_CASES)
 
 # The standard comparison: edgespec vs every peer on SmolLM2-135M and Gemma-3-270M, then
 # docs/benchmarks.md from the raw results. Run it on an otherwise idle machine: llama.cpp's

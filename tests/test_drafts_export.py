@@ -126,9 +126,10 @@ def test_a_draft_with_another_vocabulary_is_refused(target: Path, tmp_path: Path
     with pytest.raises(UserError, match="draft vocabulary differs from the target's: token 3 "
                                         "is 'D' in the draft and 'd' in the target"):
         check_same_vocab(target, tmp_path / "other.gguf")
-    copy_gguf(target, tmp_path / "bigger.gguf", metadata={"tokenizer.ggml.tokens": tokens + ["zz"]})
+    bigger = write_small_vocab_llama(tmp_path / "bigger.gguf", n_layer=3, n_embd=64, n_ff=128,
+                                     extra_pieces=("zz",))
     with pytest.raises(UserError, match="the draft has 18 tokens, the target 17"):
-        check_same_vocab(target, tmp_path / "bigger.gguf")
+        check_same_vocab(target, bigger)
 
 
 @pytest.mark.parametrize(

@@ -244,15 +244,18 @@ def write_small_vocab_llama(
     n_layer: int = 2,
     weight_scale: float = 1.5,
     seed: int = 7,
+    extra_pieces: tuple[str, ...] = (),
 ) -> Path:
-    """A random Llama GGUF whose vocabulary is 16 letters plus one merge ("a b" → "ab").
+    """A random Llama GGUF whose vocabulary is 16 letters plus one merge ("a b" → "ab")
+    (and ``extra_pieces``, for a vocabulary that differs).
 
     SmolLM2's 49k-token vocabulary makes each sampling step cost milliseconds of softmax
     and each GGUF read seconds; with 17 tokens, 20k generations take seconds. The merge is
     there because llama.cpp refuses a BPE vocabulary without one.
     """
     rng = np.random.default_rng(seed)
-    n_head, n_kv, pieces = 4, 2, [chr(ord("a") + i) for i in range(16)] + ["ab"]
+    n_head, n_kv = 4, 2
+    pieces = [chr(ord("a") + i) for i in range(16)] + ["ab", *extra_pieces]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(n_layer)
     w.add_context_length(256)

@@ -1,0 +1,80 @@
+"""Hostile GGUF files: every mutant is either refused in one line or survives llama.cpp.
+
+Structure-aware mutations (lengths and counts set huge, bytes flipped, truncation at
+section boundaries, duplicated keys, wrong value and tensor types) of a small Llama and of
+the packaged SmolLM2's header go through the validator in-process; the ones it accepts
+are loaded, tokenized and decoded by llama.cpp in a worker process (tests/gguf_fuzz.py).
+A bounded number runs here; `make fuzz` runs 10,000.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgespec.errors import UserError
+from exporters.gguf import copy_gguf
+from runtimes.ggufinfo import read_gguf
+from tests.gguf_fuzz import Campaign, NativeWorker, bases
+from tests.test_sampling import write_small_vocab_llama
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                reason="llama-cpp-python not installed")
+
+
+class HypothesisChoose:
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
+
+    def pick(self, options: list):
+        return self.data.draw(st.sampled_from(options))
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.data.draw(st.integers(lo, hi))
+
+
+@pytest.fixture(scope="module")
+def fuzzing(tmp_path_factory: pytest.TempPathFactory):
+    scratch = tmp_path_factory.mktemp("fuzz")
+    worker = NativeWorker()
+    yield bases(scratch), worker, Campaign(scratch / "findings"), scratch
+    worker.close()
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_mutant_is_refused_in_one_line_or_survives_llama_cpp(fuzzing, data) -> None:
+    targets, worker, campaign, scratch = fuzzing
+    layout, size = data.draw(st.sampled_from(targets))
+    verdict = campaign.case(layout, size, HypothesisChoose(data), worker, scratch)
+    assert verdict in ("refused", "ok", "error"), campaign.found[-1]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small_vocab_llama(tmp_path_factory.mktemp("small") / "small.gguf")
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ({"llama.block_count": 600}, "block_count = 600; llama.cpp runs at most 512 layers"),
+    ({"llama.attention.layer_norm_rms_epsilon": -1.0}, "layer_norm_rms_epsilon = -1.0"),
+])
+def test_what_the_fuzzer_found_aborts_llama_cpp_and_is_refused(
+        small: Path, tmp_path: Path, metadata: dict, message: str) -> None:
+    """Each rule the fuzzer taught: llama.cpp aborts the process on the file (GGML_ASSERT),
+    and the validator refuses it first."""
+    bad = tmp_path / "bad.gguf"
+    copy_gguf(small, bad, metadata=metadata)
+    worker = NativeWorker()
+    try:
+        assert worker.run(bad).startswith("crash")
+        assert worker.run(small) == "ok"
+    finally:
+        worker.close()
+    with pytest.raises(UserError, match=message):
+        read_gguf(bad)
