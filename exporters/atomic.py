@@ -25,11 +25,12 @@ _FILE_MODE, _DIR_MODE = 0o644, 0o755  # mkstemp/mkdtemp's owner-only modes would
 def scratch_path(near: Path, *, directory: bool = False) -> Iterator[Path]:
     """A new empty temporary file (or directory) next to ``near``, removed on exit.
 
-    The name starts with a dot and the output's name, so a leftover from a killed
-    process is recognisable; it is gone after the block whether the block succeeded,
-    failed, or moved it elsewhere.
+    The name starts with a dot, the output's name and this process's id, so a leftover
+    of a killed process is recognisable and the next export next to it removes it; it is
+    gone after the block whether the block succeeded, failed, or moved it elsewhere.
     """
-    prefix = f".{near.name}."
+    _remove_leftovers(near)
+    prefix = f".{near.name}.{os.getpid()}."
     if directory:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=near.parent))
     else:
@@ -78,6 +79,24 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         out.rename(old)  # moved aside, not deleted, until the new output is in place
     tmp.rename(out)
     _remove(old)
+
+
+def _remove_leftovers(near: Path) -> None:
+    """Temporaries next to ``near`` whose process is gone (SIGKILL, power loss)."""
+    for path in near.parent.glob(f".{near.name}.*"):
+        pid = path.name[len(near.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

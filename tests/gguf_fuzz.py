@@ -96,9 +96,9 @@ class Layout:
                 layout.scalars.append(spans[3])
         for t in reader.tensors:
             spans = _spans(t.field)
-            layout.lengths += [spans[0], spans[2], spans[3]]
-            layout.tensor_types.append(spans[4][0])
-            layout.tensor_offsets.append(spans[5][0])
+            layout.lengths += [spans[0], spans[2], *spans[3:-2]]  # name length, n_dims, dims
+            layout.tensor_types.append(spans[-2][0])
+            layout.tensor_offsets.append(spans[-1][0])
             layout.boundaries += [t.data_offset, t.data_offset + t.n_bytes]
         layout.header_end = max(o + w for o, w in _spans(reader.tensors[-1].field)[-1:])
         layout.data_start, layout.alignment = reader.data_offset, reader.alignment

@@ -119,3 +119,76 @@ def test_a_folder_that_is_no_export_says_how_to_make_one(tmp_path: Path) -> None
     (tmp_path / "config.json").write_text("{}")
     r = edgespec("run", str(tmp_path), "-p", "Hi")
     assert_user_error(r, "not an edgespec export", "edgespec export")
+
+
+# -- the bad-file table: each a real file, each one line and exit 2 -------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_sampling import write_small_vocab_llama
+
+    return write_small_vocab_llama(tmp_path_factory.mktemp("small") / "small.gguf")
+
+
+def _patched(src: Path, dst: Path, offset: int, width: int, value: int) -> Path:
+    data = bytearray(src.read_bytes())
+    data[offset:offset + width] = value.to_bytes(width, "little")
+    dst.write_bytes(data)
+    return dst
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.gguf").touch()
+    assert_user_error(edgespec("run", str(tmp_path / "empty.gguf"), "hi"), "not a GGUF")
+
+
+@pytest.mark.parametrize("fraction", [0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.3, 0.6,
+                                      0.999])
+def test_truncated_anywhere(small: Path, tmp_path: Path, fraction: float) -> None:
+    data = small.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: max(5, int(len(data) * fraction))])
+    with pytest.raises(UserError, match="truncated|corrupt"):
+        read_gguf(cut)
+
+
+def test_a_file_that_fails_as_any_cut_fails_in_one_line_on_the_cli(small: Path,
+                                                                   tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(small.read_bytes()[:300])
+    assert_user_error(edgespec("run", str(cut), "hi"), "corrupt or truncated")
+
+
+def test_tensor_data_beyond_the_end_of_the_file(small: Path, tmp_path: Path) -> None:
+    from tests.gguf_fuzz import Layout
+
+    at = Layout.of(small).tensor_offsets[-1]
+    bad = _patched(small, tmp_path / "beyond.gguf", at, 8, 2**20)
+    assert_user_error(edgespec("run", str(bad), "hi"), "truncated", "bytes")
+
+
+def test_a_huge_string_length_in_a_key(small: Path, tmp_path: Path) -> None:
+    bad = _patched(small, tmp_path / "huge.gguf", 24, 8, 2**40)  # the first key's length
+    assert_user_error(edgespec("run", str(bad), "hi"), "claims 1,099,511,627,776 bytes")
+
+
+def test_an_unknown_tensor_type(small: Path, tmp_path: Path) -> None:
+    from tests.gguf_fuzz import Layout
+
+    bad = _patched(small, tmp_path / "type.gguf", Layout.of(small).tensor_types[0], 4, 200)
+    assert_user_error(edgespec("run", str(bad), "hi"), "unknown type 200")
+
+
+def test_an_architecture_llama_cpp_does_not_know(small: Path, tmp_path: Path) -> None:
+    import gguf
+
+    from tests.test_reference_loading import requantize
+
+    bad = requantize(small, tmp_path / "florp.gguf", gguf.GGMLQuantizationType.F32, arch="florp")
+    assert_user_error(edgespec("run", str(bad), "hi"), "unknown model architecture", "florp")
+
+
+def test_a_prompt_file_that_is_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "prompt.txt").write_bytes(b"caf\xe9 \xff\xfe")
+    r = edgespec("run", "-f", str(tmp_path / "prompt.txt"))
+    assert_user_error(r, "cannot read prompt file", "utf-8")

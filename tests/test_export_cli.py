@@ -88,3 +88,47 @@ def test_ctrl_c_leaves_nothing(tiny_gguf: Path, tmp_path: Path) -> None:
         pytest.skip("the export finished before the interrupt arrived")
     assert proc.returncode == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _started(proc: subprocess.Popen, folder: Path) -> float:
+    """Wait until ``proc`` has created its temporary output in ``folder``; the time it took."""
+    start = time.monotonic()
+    while not list(folder.glob(".model.gguf.*")) and proc.poll() is None:
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_sigkill_at_any_moment_leaves_the_old_file_or_the_new_one(tiny_gguf: Path,
+                                                                   tmp_path: Path) -> None:
+    """SIGKILL (no handler runs) at 12 moments spread over the writing of an export that
+    replaces an existing output: the output path always holds a whole model, old or new,
+    and the next export removes the killed ones' temporaries."""
+    out = tmp_path / "model.gguf"
+    args = [sys.executable, "-m", "edgespec", "export", str(tiny_gguf), "--to", "gguf", "-o",
+            str(out), "--force", "--quant"]
+    subprocess.run([*args, "q8_0"], check=True, capture_output=True, timeout=300)
+    old = out.read_bytes()
+    proc = subprocess.Popen([*args, "q4_0"], stderr=subprocess.DEVNULL)
+    _started(proc, tmp_path)
+    start = time.monotonic()
+    proc.wait(timeout=300)
+    writing, fresh = time.monotonic() - start, out.read_bytes()
+    outcomes = []
+    for i in range(12):
+        out.write_bytes(old)
+        proc = subprocess.Popen([*args, "q4_0"], stderr=subprocess.DEVNULL)
+        _started(proc, tmp_path)
+        time.sleep(writing * i / 11)
+        proc.kill()
+        proc.wait()
+        now = out.read_bytes()
+        assert now in (old, fresh), f"kill {i}: a partial file at the output path"
+        read_gguf(out)
+        outcomes.append("new" if now == fresh else "old")
+    left = len(list(tmp_path.glob(".model.gguf.*")))
+    subprocess.run([*args, "q4_0"], check=True, capture_output=True, timeout=300)
+    assert out.read_bytes() == fresh
+    assert list(tmp_path.glob(".model.gguf.*")) == [], "the next export removes leftovers"
+    assert left > 0, "no kill landed while the export was writing: the test proved nothing"
+    print(f"12 kills: {outcomes.count('old')} left the old file, {outcomes.count('new')} the "
+          f"new one, {left} temporaries, removed by the next export")
