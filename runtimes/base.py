@@ -60,6 +60,10 @@ class Backend(Protocol):
     n_ctx: int
     n_past: int
     tokenizer: TokenizerInfo
+    threads: int | None
+    """CPU threads the engine computes with (None: the engine's own default)."""
+    build: str
+    """The engine and its version: a saved device profile holds for this build only."""
     prefill_chunk: int
     """The most tokens one :meth:`prefill` evaluates as a batch. The decode loop prefills a
     prompt in chunks starting at multiples of it, so a reused prefix was evaluated in the

@@ -92,6 +92,7 @@ class LlamaCppBackend:
         self._log = log_capture()
         self._log.lines.clear()
         self.threads = threads or default_threads()
+        self.build = f"llama-cpp-python {llm.__version__}"
         self.max_tree_nodes = max_tree_nodes
         self._model = self._load_model(Path(path))
         capacity = max(prefill_chunk, max_tree_nodes)  # tokens per llama_decode: a chunk or a tree

@@ -154,6 +154,7 @@ class OnnxBackend(SlotBackend):
                             f"{', '.join(present)}")
         self.dir, model_file = self._resolve(Path(path), export_dir)
         self.threads = threads or default_threads()
+        self.build = f"onnxruntime {ort.__version__}"
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self.batch_invariant = batch_invariant
         session = _session(model_file, self.threads, provider)

@@ -152,6 +152,37 @@ class _Graph:
         return request.get_output_tensor(self.outputs["logits"]).data[0].copy()
 
 
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI")  # OpenVINO's plugins that pick or split devices
+
+
+def _check_device(device: str, present: Sequence[str]) -> list[str]:
+    """The physical devices present; refuses a device, or a virtual device's target, that
+    is not among them (``AUTO`` alone may choose any)."""
+    physical = sorted({d.split(".")[0] for d in present})
+    kind, _, targets = device.partition(":")
+    wanted = [t for t in targets.split(",") if t] if kind in VIRTUAL_DEVICES else [device]
+    if kind in ("HETERO", "MULTI") and not wanted:
+        raise UserError(f"OpenVINO's {kind} needs its devices, e.g. --device {kind}:GPU,CPU")
+    missing = [w for w in wanted if w.split(".")[0] not in physical]
+    if missing:
+        raise UserError(f"OpenVINO device {', '.join(missing)} is not available; present: "
+                        f"{', '.join(present)} (or AUTO, HETERO:…, MULTI:…)")
+    return physical
+
+
+def _device_config(device: str, physical: list[str], threads: int,
+                   precision: str | None) -> dict:
+    """Thread count for the CPU and the precision for every device. A virtual device takes
+    them per device (DEVICE_PROPERTIES): f32 on whichever device it picks keeps exactness."""
+    def settings(name: str) -> dict:
+        return ({"INFERENCE_NUM_THREADS": threads} if name == "CPU" else {}) | (
+            {"INFERENCE_PRECISION_HINT": precision} if precision is not None else {})
+
+    if device.partition(":")[0] in VIRTUAL_DEVICES:
+        return {"DEVICE_PROPERTIES": {name: settings(name) for name in physical}}
+    return settings(device.split(".")[0])
+
+
 class OpenVinoBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on OpenVINO (KV in shared numpy buffers)."""
 
@@ -192,18 +223,13 @@ class OpenVinoBackend(SlotBackend):
             raise UserError(f"unknown KV precision {kv_precision!r}; choose one of "
                             f"{', '.join(KV_PRECISIONS)}")
         self._core = ov.Core()
-        present = self._core.available_devices
-        if device.split(".")[0].split(":")[0] not in {d.split(".")[0] for d in present}:
-            raise UserError(f"OpenVINO device {device} is not available; present: "
-                            f"{', '.join(present)}")
+        device = device.upper()
+        present = _check_device(device, self._core.available_devices)
         self.dir, self._model_file = self._resolve(Path(path), export_dir)
         self.threads = threads or default_threads()
-        self._config = {"PERFORMANCE_HINT": "LATENCY"}
-        if device.startswith("CPU"):
-            self._config["INFERENCE_NUM_THREADS"] = self.threads
-        if precision is not None:
-            self._config["INFERENCE_PRECISION_HINT"] = precision
-        self._config |= properties or {}
+        self.build = f"openvino {ov.get_version()}"
+        self._config = {"PERFORMANCE_HINT": "LATENCY"} | _device_config(
+            device, present, self.threads, precision) | (properties or {})
         self.device, self.kv_precision = device, kv_precision
         self.batch_invariant = batch_invariant
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk

@@ -77,6 +77,7 @@ class ReferenceBackend:
     """Float32 numpy Llama with tree verification, shared-cache early exit and rewind."""
 
     name = "reference"
+    build = f"numpy {np.__version__}"
     prefill_chunk = 256  # numpy is batch-invariant here: the size only bounds a call's memory
 
     def __init__(

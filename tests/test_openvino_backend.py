@@ -64,8 +64,23 @@ def test_f16_kv_buffers_stay_close_and_take_half_the_memory(exported: Path, back
     np.testing.assert_allclose(results[1], results[0], atol=1e-2 * np.abs(results[0]).max())
 
 
+@pytest.mark.parametrize("device", ["AUTO", "auto", "AUTO:CPU", "HETERO:CPU", "MULTI:CPU"])
+def test_virtual_devices_run_and_stay_exact(exported: Path, backend: OpenVinoBackend, ids,
+                                            device: str) -> None:
+    """OpenVINO's automatic device choice (the usual one on laptops with an NPU or GPU)
+    and its split/multi devices, with f32 on whatever device they pick: the CPU's logits."""
+    auto = OpenVinoBackend(exported, n_ctx=128, threads=1, max_tree_nodes=16, device=device)
+    try:
+        backend.truncate(0)
+        np.testing.assert_array_equal(auto.prefill(ids), backend.prefill(ids))
+    finally:
+        auto.close()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"device": "NPU9"}, "device NPU9 is not available; present: .*CPU"),
+    ({"device": "AUTO:GPU,CPU"}, "device GPU is not available"),
+    ({"device": "HETERO"}, "HETERO needs its devices"),
     ({"kv_precision": "u8"}, "unknown KV precision 'u8'"),
 ])
 def test_bad_options_are_user_errors(exported: Path, kwargs: dict, message: str) -> None:
