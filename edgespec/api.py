@@ -3,7 +3,9 @@
 An Engine owns one backend (and so one KV cache), a drafter per draft method (their
 memories persist across generations, as Token Recycling intends) and the speculation
 policy with the device's measured cost curve. Generations are serialised by a lock, so an
-Engine can be shared between threads; :meth:`Engine.cancel` stops the running one.
+Engine can be shared between threads; :meth:`Engine.cancel` stops the running one, and a
+generation given its own ``cancel`` event stops when that is set (a server cancels one
+request's generation without touching the others waiting for the engine).
 """
 
 from __future__ import annotations
@@ -82,12 +84,17 @@ class Engine:
         draft: str | None = None,
         stop: Sequence[str] = (),
         stream: bool = False,
+        cancel: threading.Event | None = None,
     ) -> GenerationResult | TextIterator:
-        """Complete ``prompt`` as given (no chat template). ``stream=True`` yields text pieces."""
+        """Complete ``prompt`` as given (no chat template). ``stream=True`` yields text pieces.
+
+        ``cancel``: an event that stops this generation (with ``Cancelled``) when set, used
+        instead of the engine's own; :meth:`cancel` then does not reach it.
+        """
         ids = self.tokenize(prompt)
         run = TextIterator(
             self._run(ids, max_tokens, SamplingParams(temperature, top_k, top_p), seed, draft,
-                      stop)
+                      stop, cancel)
         )
         if stream:
             return run
@@ -192,6 +199,7 @@ class Engine:
         seed: int | None,
         draft: str | None,
         stop: Sequence[str],
+        cancel: threading.Event | None = None,
     ) -> Iterator[str | GenerationResult]:
         """Yield text pieces, then the final :class:`GenerationResult` as the last item."""
         if max_tokens < 0:
@@ -206,7 +214,8 @@ class Engine:
             tokens: list[int] = []
             rng = np.random.default_rng(seed)
             steps = loop.generate(ids, drafter=drafter, params=params, max_tokens=max_tokens,
-                                  rng=rng, stats=stats, cancel=self._cancel)
+                                  rng=rng, stats=stats,
+                                  cancel=self._cancel if cancel is None else cancel)
             try:
                 for token in steps:
                     tokens.append(token)

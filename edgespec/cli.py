@@ -16,6 +16,7 @@ import typer
 from edgespec.api import Engine, GenerationResult, load
 from edgespec.drafting import DRAFTERS
 from edgespec.errors import Cancelled, UserError
+from edgespec.models import default_model_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="On-device LLM generation, faster through lossless speculative decoding.")
@@ -221,6 +222,58 @@ def bench(
             backends=backend.split(","), peers=peers, out=out,
         )
         run_bench(options)
+    except UserError as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+@app.command()
+def serve(
+    first: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Model file.")] = None,
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    queue: Annotated[int, typer.Option("--queue", help="Most requests waiting.")] = 8,
+    max_tokens_cap: Annotated[int | None, typer.Option(
+        "--max-tokens-cap", help="Largest max_tokens a request may ask (default: -c).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="EDGESPEC_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    draft: DraftOpt = "fused",
+    tree_size: TreeOpt = None,
+    threads: ThreadsOpt = None,
+    ctx_size: CtxOpt = 4096,
+    backend: BackendOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/…)."""
+    try:
+        from edgespec import server
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise _fail("edgespec serve needs FastAPI and uvicorn: install edgespec[server]"
+                    ) from None
+    try:
+        if first is not None and model is not None:
+            raise UserError("give the model either positionally or with -m, not both")
+        name = first if model is None else str(model)
+        _check_numbers(queue=queue, tree_size=tree_size, threads=threads)
+        if max_tokens_cap is not None and max_tokens_cap < 1:
+            raise UserError(f"--max-tokens-cap must be at least 1 (got {max_tokens_cap})")
+        if not 0 < port < 65536:
+            raise UserError(f"--port must be between 1 and 65535 (got {port})")
+        if api_key is not None and not api_key.strip():
+            raise UserError("--api-key is empty")
+        sock = server.bind(host, port)
+        if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+            typer.echo(f"edgespec: warning: serving on {host} with no --api-key", err=True)
+        with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
+                  tree_size=tree_size, device=device) as engine:
+            model_id = Path(name).stem if name is not None else default_model_path().stem
+            server.serve(engine, sock, model_id=model_id, queue_size=queue,
+                         max_tokens_cap=max_tokens_cap, api_key=api_key)
     except UserError as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
