@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 
 import runtimes  # module import: runtimes imports edgespec.errors, so no from-import
+from edgespec import profile_store
 from edgespec.autotune import CostCurve, SpeculationPolicy
 from edgespec.chat import ChatTemplate, Message
+from edgespec.device import device_key
 from edgespec.drafting import Drafter, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
 from edgespec.models import resolve_model
-from edgespec.profiler import probe_verify_cost, profile
+from edgespec.profiler import BackendProfile, probe_verify_cost, profile
 from edgespec.textstream import TextStream
 from edgespec.verify import SamplingParams
 from runtimes.base import Backend
@@ -55,7 +57,10 @@ class Engine:
         draft: str = "fused",
         tree_size: int | None = None,
         adaptive: bool = True,
+        model: Path | None = None,
     ) -> None:
+        """``model``: the file or export ``backend`` loaded, to find its saved device profile
+        (``edgespec profile``); without one, the first speculative generation probes."""
         tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
         if tree_size < 1:
             raise UserError(f"--tree-size must be at least 1 (got {tree_size})")
@@ -65,6 +70,8 @@ class Engine:
         self.adaptive = adaptive
         self._drafters: dict[str, Drafter | None] = {}
         self._drafter(draft)  # validate the name now, not at the first generation
+        self.model = model
+        self.profile: BackendProfile | None = None  # the saved one in use, if any
         self._policy: SpeculationPolicy | None = None
         self._loop: DecodeLoop | None = None
         self._lock = threading.Lock()
@@ -178,18 +185,27 @@ class Engine:
         return self._drafters[name]
 
     def _decode_loop(self, speculative: bool) -> DecodeLoop:
-        """The loop, with a cost curve measured on first speculative use (~0.5 s) and trees
-        capped at the largest size the engine verifies bit-exactly (lossless output)."""
+        """The loop, with the cost curve of this device's saved profile, or one measured on
+        first speculative use (~0.5 s), and trees capped at the largest size the engine
+        verifies bit-exactly (lossless output)."""
         if self._loop is None:
             self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1))
         if speculative and self._policy is None:
             self._loop.forget()
-            exact, cost = profile(self.backend)
+            self.profile = self._saved_profile()
+            exact, cost = ((self.profile.exact, self.profile.curve()) if self.profile
+                           else profile(self.backend))
             self.tree_size = min(self.tree_size, exact)
             curve = CostCurve(cost)
             self._policy = SpeculationPolicy(curve, self.tree_size, adaptive=self.adaptive)
             self._loop.policy = self._policy
         return self._loop
+
+    def _saved_profile(self) -> BackendProfile | None:
+        if self.model is None:
+            return None
+        b = self.backend
+        return profile_store.load(device_key(), self.model, b.name, b.build, b.threads)
 
     def _run(
         self,
@@ -277,4 +293,4 @@ def load(
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
     return Engine(runtimes.open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
-                  adaptive=adaptive)
+                  adaptive=adaptive, model=path)

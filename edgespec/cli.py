@@ -229,6 +229,59 @@ def bench(
 
 
 @app.command()
+def profile(
+    first: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Model file.")] = None,
+    model: ModelOpt = None,
+    backend: Annotated[str | None, typer.Option(
+        "--backend", help="Backends to measure, a,b,… (default: every one installed).")] = None,
+    threads: Annotated[str | None, typer.Option(
+        "-t", "--threads", help="Thread counts, a,b,… (default: 1 and the physical cores).")
+    ] = None,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size",
+                                          help="Context the backends are loaded with.")] = 4096,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG of the cost curves.")] = None,
+) -> None:
+    """What this device is and what verifying 1-64 tokens costs on it, saved for later loads."""
+    from rich.console import Console
+
+    from edgespec.models import resolve_model
+    from edgespec.profile_cli import installed_backends, plot_curves, run_profile, show
+    from runtimes.llamacpp import default_threads
+
+    try:
+        if first is not None and model is not None:
+            raise UserError("give the model either positionally or with -m, not both")
+        path = resolve_model(model or first)
+        counts = sorted({1, default_threads()}) if threads is None else _counts(threads)
+        if ctx_size < 512:
+            raise UserError(f"-c/--ctx-size must be at least 512 to probe 300 cached tokens "
+                            f"(got {ctx_size})")
+        names = backend.split(",") if backend else installed_backends(path)
+        report = run_profile(path, names, counts, ctx_size)
+        if plot is not None:
+            plot_curves(report, plot)
+    except UserError as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    if json_out:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        show(report, Console())
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(t) for t in text.split(",")})
+    except ValueError:
+        raise UserError(f"--threads takes counts like 1,2 (got {text!r})") from None
+    if counts[0] < 1:
+        raise UserError(f"thread counts must be at least 1 (got {text!r})")
+    return counts
+
+
+@app.command()
 def serve(
     first: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Model file.")] = None,
     model: ModelOpt = None,

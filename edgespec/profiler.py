@@ -1,5 +1,5 @@
 """Measure what verifying n tokens costs on this device, with this backend and thread count,
-and up to which n it is exact.
+and up to which n it is exact; ``measure`` makes the record ``edgespec profile`` saves.
 
 The speculation policy needs c(n), not a guess: on a 2-core CPU running llama.cpp, eight
 tokens cost 3–4× one, while a stateful OpenVINO model verifies eight for 1.6× one. The
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +22,53 @@ from edgespec.tree import TokenTree
 from runtimes.base import Backend
 
 PROBE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+PROFILE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+PROFILE_CONTEXTS = (300, 2000)
+
+
+@dataclass
+class BackendProfile:
+    """One backend's measured verify costs on this device, at one thread count."""
+
+    backend: str
+    build: str
+    threads: int | None
+    exact: int  # the largest tree size verified bit-exactly
+    cost: dict[int, dict[int, float]]  # cached tokens -> tree size -> seconds per call
+
+    def curve(self, context: int = PROFILE_CONTEXTS[0]) -> dict[int, float]:
+        """The cost curve measured nearest ``context`` cached tokens."""
+        return self.cost[min(self.cost, key=lambda c: abs(c - context))]
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "build": self.build, "threads": self.threads,
+                "exact": self.exact,
+                "cost": {str(c): {str(n): s for n, s in curve.items()}
+                         for c, curve in self.cost.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BackendProfile:
+        """The inverse of :meth:`as_dict`; KeyError/TypeError/ValueError on a bad record."""
+        cost = {int(c): {int(n): float(s) for n, s in curve.items()}
+                for c, curve in d["cost"].items()}
+        if not cost or any(1 not in curve for curve in cost.values()):
+            raise ValueError("a cost curve without the cost of one token")
+        threads = d["threads"]
+        return cls(str(d["backend"]), str(d["build"]), None if threads is None else int(threads),
+                   int(d["exact"]), cost)
+
+
+def measure(backend: Backend, *, sizes: tuple[int, ...] = PROFILE_SIZES,
+            contexts: tuple[int, ...] = PROFILE_CONTEXTS, repeats: int = 3) -> BackendProfile:
+    """The exact tree size and c(n) at each context that fits this backend's cache."""
+    sizes = _fitting(backend, sizes)
+    exact, first = profile(backend, sizes=sizes, context=contexts[0], repeats=repeats)
+    cost = {contexts[0]: first}
+    for context in contexts[1:]:
+        if context + max(sizes) <= backend.n_ctx:
+            cost[context] = probe_verify_cost(backend, sizes=sizes, context=context,
+                                              repeats=repeats)
+    return BackendProfile(backend.name, backend.build, backend.threads, exact, cost)
 
 
 def probe_verify_cost(
