@@ -70,6 +70,9 @@ MAX_ARRAY = 64 * 2**20
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ELEMENTS = 2**50  # of one tensor: ggml's sizes are int64 byte counts
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp asserts (aborts) above it
+# ggml's CPU ops abort on weights of these types (an I32 norm weight: "unsupported types")
+_NOT_WEIGHTS = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
+                GGMLQuantizationType.I64, GGMLQuantizationType.F64}
 
 
 def _shown(value: Any) -> str:
@@ -215,7 +218,7 @@ def _tensor_type(value: int, name: str) -> GGMLQuantizationType:
         qtype = GGMLQuantizationType(value)
     except ValueError:
         raise ValueError(f"tensor {name} has unknown type {value}") from None
-    if qtype not in GGML_QUANT_SIZES:
+    if qtype not in GGML_QUANT_SIZES or qtype in _NOT_WEIGHTS:
         raise ValueError(f"tensor {name} has type {qtype.name}, which no model file uses")
     return qtype
 
@@ -289,6 +292,11 @@ def _check_tokenizer(info: GGUFInfo) -> None:
         raise UserError(f"{info.path} declares an unknown tokenizer model {_shown(str(model))}")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise UserError(f"{info.path}: tokenizer.ggml.tokens is not a list of strings")
+    if len(set(tokens)) != len(tokens):  # llama.cpp asserts one id per token text
+        seen: set[str] = set()
+        twice = next(t for t in tokens if t in seen or seen.add(t))
+        raise UserError(f"{info.path}: the vocabulary has the token {_shown(twice)} twice "
+                        f"(token {tokens.index(twice)} and a later one); the file is corrupt")
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         values = info.metadata.get(key)
         if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):

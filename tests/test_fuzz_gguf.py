@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import gguf
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from edgespec.errors import UserError
 from exporters.gguf import copy_gguf
 from runtimes.ggufinfo import read_gguf
-from tests.gguf_fuzz import Campaign, NativeWorker, bases
+from tests.gguf_fuzz import Campaign, Layout, NativeWorker, bases
 from tests.test_sampling import write_small_vocab_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -60,16 +61,34 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small_vocab_llama(tmp_path_factory.mktemp("small") / "small.gguf")
 
 
-@pytest.mark.parametrize(("metadata", "message"), [
-    ({"llama.block_count": 600}, "block_count = 600; llama.cpp runs at most 512 layers"),
-    ({"llama.attention.layer_norm_rms_epsilon": -1.0}, "layer_norm_rms_epsilon = -1.0"),
-])
+def _i32_norm(small: Path, bad: Path) -> None:
+    """A norm weight's type F32 → I32: same size, so the file is otherwise whole."""
+    layout = Layout.of(small)
+    norm = next(i for i, t in enumerate(gguf.GGUFReader(small).tensors) if len(t.shape) == 1)
+    data = bytearray(small.read_bytes())
+    data[layout.tensor_types[norm]:layout.tensor_types[norm] + 4] = (26).to_bytes(4, "little")
+    bad.write_bytes(data)
+
+
+def _twice(small: Path, bad: Path) -> None:
+    tokens = read_gguf(small).tokens
+    copy_gguf(small, bad, metadata={"tokenizer.ggml.tokens": [tokens[0], *tokens[:-1]]})
+
+
+@pytest.mark.parametrize(("make", "message"), [  # found by: 400 cases, then 10,000
+    (lambda s, b: copy_gguf(s, b, metadata={"llama.block_count": 600}),
+     "block_count = 600; llama.cpp runs at most 512 layers"),
+    (lambda s, b: copy_gguf(s, b, metadata={"llama.attention.layer_norm_rms_epsilon": -1.0}),
+     "layer_norm_rms_epsilon = -1.0"),
+    (_i32_norm, "has type I32, which no model file uses"),
+    (_twice, "the vocabulary has the token 'a' twice"),
+], ids=["layers", "epsilon", "i32-norm", "token-twice"])
 def test_what_the_fuzzer_found_aborts_llama_cpp_and_is_refused(
-        small: Path, tmp_path: Path, metadata: dict, message: str) -> None:
+        small: Path, tmp_path: Path, make, message: str) -> None:
     """Each rule the fuzzer taught: llama.cpp aborts the process on the file (GGML_ASSERT),
     and the validator refuses it first."""
     bad = tmp_path / "bad.gguf"
-    copy_gguf(small, bad, metadata=metadata)
+    make(small, bad)
     worker = NativeWorker()
     try:
         assert worker.run(bad).startswith("crash")
