@@ -58,9 +58,12 @@ class Engine:
         tree_size: int | None = None,
         adaptive: bool = True,
         model: Path | None = None,
+        govern_threads: bool = False,
     ) -> None:
         """``model``: the file or export ``backend`` loaded, to find its saved device profile
-        (``edgespec profile``); without one, the first speculative generation probes."""
+        (``edgespec profile``); without one, the first speculative generation probes.
+        ``govern_threads``: use one thread fewer while another process holds a core
+        (:mod:`edgespec.threads`); :func:`load` sets it unless the caller chose ``threads``."""
         tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
         if tree_size < 1:
             raise UserError(f"--tree-size must be at least 1 (got {tree_size})")
@@ -71,6 +74,7 @@ class Engine:
         self._drafters: dict[str, Drafter | None] = {}
         self._drafter(draft)  # validate the name now, not at the first generation
         self.model = model
+        self.govern_threads = govern_threads
         self.profile: BackendProfile | None = None  # the saved one in use, if any
         self._policy: SpeculationPolicy | None = None
         self._loop: DecodeLoop | None = None
@@ -189,7 +193,8 @@ class Engine:
         first speculative use (~0.5 s), and trees capped at the largest size the engine
         verifies bit-exactly (lossless output)."""
         if self._loop is None:
-            self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1))
+            self._loop = DecodeLoop(self.backend, SpeculationPolicy(CostCurve({1: 1.0}), 1),
+                                    govern_threads=self.govern_threads)
         if speculative and self._policy is None:
             self._loop.forget()
             self.profile = self._saved_profile()
@@ -293,4 +298,4 @@ def load(
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
     return Engine(runtimes.open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
-                  adaptive=adaptive, model=path)
+                  adaptive=adaptive, model=path, govern_threads=threads is None)

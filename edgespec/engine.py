@@ -18,6 +18,7 @@ import numpy as np
 from edgespec.autotune import SpeculationPolicy
 from edgespec.drafting import Drafter
 from edgespec.errors import Cancelled, UserError
+from edgespec.threads import ThreadGovernor
 from edgespec.tree import TokenTree
 from edgespec.verify import Acceptance, SamplingParams, accept, pick
 from runtimes.base import Backend
@@ -92,11 +93,17 @@ class DecodeLoop:
     in different orders, and a near-tie flips on that).
     """
 
-    def __init__(self, backend: Backend, policy: SpeculationPolicy) -> None:
+    def __init__(self, backend: Backend, policy: SpeculationPolicy, *,
+                 govern_threads: bool = False) -> None:
+        """``govern_threads``: let a :class:`ThreadGovernor` lower the thread count while
+        another process holds a core (not when the user chose the count)."""
         self.backend = backend
         self.policy = policy
         self.cached: list[int] = []
         self.prefilled = 0
+        self.threads = ThreadGovernor(
+            backend.threads, lambda n: self.policy.cost(n) / self.policy.cost(1)
+        ) if govern_threads and backend.threads is not None else None
 
     def forget(self) -> None:
         """The backend's cache was used for something else: reuse nothing from it."""
@@ -187,6 +194,7 @@ class DecodeLoop:
                 drafter.observe(tree, logits, accepted.path)
             self.policy.observe(len(tree), verify_s, time.perf_counter() - step_start,
                                 len(path) - 1)
+            self._govern_threads(len(tree), verify_s)
             new = [tree.tokens[i] for i in path[1:]]
             self.cached.extend([context[-1], *new])
             new.append(next_token)
@@ -196,6 +204,14 @@ class DecodeLoop:
             stats.speculative_steps += len(tree) > 1
             stats.accepted_drafts += len(path) - 1
             yield from new
+
+    def _govern_threads(self, n: int, verify_s: float) -> None:
+        """Fewer threads while another process holds a core (:mod:`edgespec.threads`)."""
+        if self.threads is None:
+            return
+        threads = self.threads.observe(n, verify_s)
+        if threads != self.backend.threads and not self.backend.set_threads(threads):
+            self.threads = None  # this engine keeps the count it loaded with
 
     def _draft(self, context: list[int], drafter: Drafter | None, room: int) -> TokenTree:
         budget = min(self.policy.draft_budget(), room)

@@ -94,6 +94,11 @@ class Backend(Protocol):
     def truncate(self, n_past: int) -> None:
         """Forget everything from position ``n_past`` on (multi-turn rewind, error recovery)."""
 
+    def set_threads(self, threads: int) -> bool:
+        """Compute with ``threads`` from the next call on (fewer when another process takes
+        a core); False where the engine fixes its count when it loads (ONNX Runtime and
+        OpenVINO sessions), which keeps its count."""
+
     def memory(self) -> MemoryReport:
         """What this backend holds now."""
 

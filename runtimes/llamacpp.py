@@ -244,6 +244,11 @@ class LlamaCppBackend:
         self._pending = None
         self.n_past = n_past
 
+    def set_threads(self, threads: int) -> bool:
+        llm.llama_set_n_threads(self._ctx, threads, threads)
+        self.threads = threads
+        return True
+
     def memory(self) -> MemoryReport:
         return MemoryReport(
             weights=int(llm.llama_model_size(self._model)),

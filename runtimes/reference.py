@@ -147,6 +147,10 @@ class ReferenceBackend:
     def detokenize(self, ids: Sequence[int]) -> bytes:
         return self.encoder.decode(ids)
 
+    def set_threads(self, threads: int) -> bool:
+        self.threads = threads  # the BLAS pool is capped per call
+        return True
+
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` to the cache; the logits after the last one."""
         if not ids:

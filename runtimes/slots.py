@@ -217,6 +217,9 @@ class SlotBackend:
             raise ValueError(f"a tree of {len(tree)} nodes exceeds max_tree_nodes="
                              f"{self.max_tree_nodes}")
 
+    def set_threads(self, threads: int) -> bool:
+        return False  # a session's thread pool is fixed when it is created
+
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` in chunks (bounded mask size); the logits after the last one."""
         if not ids:
