@@ -229,6 +229,31 @@ def bench(
 
 
 @app.command()
+def check(
+    path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .gguf file or an export.")],
+) -> None:
+    """Check a model before any engine reads it: exit 0 and a summary, or 2 and the reason."""
+    import runtimes
+    from runtimes.ggufinfo import read_gguf
+
+    try:
+        if not path.exists():
+            raise UserError(f"model not found: {path}")
+        if path.is_dir():
+            typer.echo(f"ok: {path} is an edgespec export for the {runtimes.backend_for(path)} "
+                       "backend")
+            return
+        info = read_gguf(path)
+    except UserError as e:
+        raise _fail(str(e)) from None
+    types = sorted({t.name for _, t, _ in info.tensors.values()})
+    typer.echo(f"ok: {path}: {info.architecture}, {info.arch_value('block_count', '?')} layers, "
+               f"{len(info.tensors)} tensors ({', '.join(types)}), {len(info.tokens)} tokens "
+               f"({info.metadata.get('tokenizer.ggml.model')}), trained context "
+               f"{info.arch_value('context_length', '?')}, {path.stat().st_size / 1e6:,.1f} MB")
+
+
+@app.command()
 def profile(
     first: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Model file.")] = None,
     model: ModelOpt = None,

@@ -192,3 +192,12 @@ def test_a_prompt_file_that_is_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "prompt.txt").write_bytes(b"caf\xe9 \xff\xfe")
     r = edgespec("run", "-f", str(tmp_path / "prompt.txt"))
     assert_user_error(r, "cannot read prompt file", "utf-8")
+
+
+def test_check_says_ok_or_why(small: Path, tmp_path: Path) -> None:
+    ok = edgespec("check", str(small))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: ") and "17 tokens" in ok.stdout
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(small.read_bytes()[:300])
+    assert_user_error(edgespec("check", str(cut)), "corrupt or truncated")
+    assert_user_error(edgespec("check", str(tmp_path / "none.gguf")), "not found")
