@@ -28,7 +28,7 @@ from edgespec.errors import UserError
 from edgespec.models import resolve_model
 from edgespec.profiler import BackendProfile, probe_verify_cost, profile
 from edgespec.textstream import TextStream
-from edgespec.verify import SamplingParams
+from edgespec.verify import PositionDraws, SamplingParams
 from runtimes.base import Backend
 
 DEFAULT_TREE_SIZE = 16
@@ -233,9 +233,8 @@ class Engine:
             stats = GenerationStats(backend=self.backend.name, draft=name)
             text = TextStream(self.backend.detokenize, stop)
             tokens: list[int] = []
-            rng = np.random.default_rng(seed)
             steps = loop.generate(ids, drafter=drafter, params=params, max_tokens=max_tokens,
-                                  rng=rng, stats=stats,
+                                  draws=PositionDraws(seed), stats=stats,
                                   cancel=self._cancel if cancel is None else cancel)
             try:
                 for token in steps:

@@ -20,7 +20,7 @@ from edgespec.drafting import Drafter
 from edgespec.errors import Cancelled, UserError
 from edgespec.threads import ThreadGovernor
 from edgespec.tree import TokenTree
-from edgespec.verify import Acceptance, SamplingParams, accept, pick
+from edgespec.verify import Acceptance, PositionDraws, SamplingParams, accept, pick
 from runtimes.base import Backend
 
 
@@ -117,7 +117,7 @@ class DecodeLoop:
         drafter: Drafter | None,
         params: SamplingParams,
         max_tokens: int,
-        rng: np.random.Generator,
+        draws: PositionDraws,
         stats: GenerationStats,
         cancel: threading.Event | None = None,
     ) -> Iterator[int]:
@@ -126,13 +126,13 @@ class DecodeLoop:
             stats.finish_reason = "length"
             return
         start = time.perf_counter()
-        token = pick(self._prefill(prompt), params, rng)
+        token = pick(self._prefill(prompt), params, draws.at(len(prompt)))
         stats.prompt_tokens = len(prompt)
         stats.prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         context = [*prompt, token]
         try:
-            for token in self._tokens(context, drafter, params, rng, stats, cancel):
+            for token in self._tokens(context, drafter, params, draws, stats, cancel):
                 stats.new_tokens += 1
                 stats.decode_s = time.perf_counter() - start
                 yield token
@@ -169,7 +169,7 @@ class DecodeLoop:
         context: list[int],
         drafter: Drafter | None,
         params: SamplingParams,
-        rng: np.random.Generator,
+        draws: PositionDraws,
         stats: GenerationStats,
         cancel: threading.Event | None,
     ) -> Iterator[int]:
@@ -187,7 +187,7 @@ class DecodeLoop:
             verify_start = time.perf_counter()
             logits = self.backend.verify(tree)
             verify_s = time.perf_counter() - verify_start
-            accepted = accept(tree, logits, params, rng)
+            accepted = accept(tree, logits, params, lambda d: draws.at(len(context) + d))
             path, next_token = _exact_part(tree, accepted)
             self.backend.commit(path)
             if drafter is not None:

@@ -310,12 +310,8 @@ def create_app(engine: Engine, *, model_id: str, queue_size: int = 8,
                 "created": int(time.time()), "model": model_id}
         temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
         seed = req.seed if req.seed is not None and req.seed >= 0 else None
-        # With drafts, how many random draws a sampled step makes depends on the drafted
-        # tree, and so on what the drafters learnt from earlier requests: the same seed would
-        # give another text. A seeded sampled request decodes plainly, to be reproducible.
-        draft = "none" if seed is not None and temperature > 0 else None
         job = Job(head["id"], dict(
-            prompt=ids, max_tokens=cap if max_tokens is None else max_tokens, draft=draft,
+            prompt=ids, max_tokens=cap if max_tokens is None else max_tokens,
             temperature=temperature, top_p=req.top_p or 1.0, top_k=req.top_k or 0,
             stop=req.stop or (), seed=seed), bool(req.stream), asyncio.get_running_loop())
         if not worker.submit(job):

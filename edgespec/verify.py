@@ -11,11 +11,32 @@ rule (recursive rejection sampling without replacement), which is exact too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgespec.tree import TokenTree
+
+Draws = Callable[[int], np.random.Generator]
+"""The randomness for choosing the child of a node at depth ``d`` (the token at d + 1)."""
+
+
+class PositionDraws:
+    """Randomness keyed by a token's position in the text.
+
+    The token at position i is drawn with the generator of (seed, i), whatever was drafted
+    before it and however many draws a rejected tree used: a seed gives the same text with
+    or without speculation, and whatever the drafters learnt from earlier requests. With a
+    deterministic drafter the accepted token *is* the target's own draw, so sampled
+    speculative output is token for token the plain sampled output.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = np.random.SeedSequence().entropy if seed is None else seed
+
+    def at(self, position: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, position))
 
 
 @dataclass(frozen=True)
@@ -69,22 +90,25 @@ def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -
     return int(rng.choice(p.size, p=p))
 
 
-def accept(
-    tree: TokenTree, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
-) -> Acceptance:
+def accept(tree: TokenTree, logits: np.ndarray, params: SamplingParams, draws: Draws
+           ) -> Acceptance:
     """Walk down ``tree`` while the target's own choice at a node was drafted as a child.
 
     At a node whose children came from a drafter's distribution (``tree.draft_probs``),
     sampling uses :func:`multi_candidate` instead of a plain draw; greedy ignores q.
+    ``draws(depth)`` is the randomness for a node at that depth (:class:`PositionDraws`).
     """
     node, path = 0, [0]
     while True:
         q = tree.draft_probs.get(node)
-        if q is None or params.greedy:
-            token = pick(logits[node], params, rng)
+        if params.greedy:
+            token = int(np.argmax(logits[node]))
+        elif q is None:
+            token = pick(logits[node], params, draws(tree.depth[node]))
         else:
             children = [tree.tokens[c] for c in tree.children[node]]
-            token = multi_candidate(probabilities(logits[node], params), q, children, rng)
+            token = multi_candidate(probabilities(logits[node], params), q, children,
+                                    draws(tree.depth[node]))
         child = tree.child_with_token(node, token)
         if child is None:
             return Acceptance(path, token)

@@ -74,3 +74,19 @@ def test_gemma_forced_speculation_matches_plain(dev_prompts) -> None:
             plain = engine.generate(prompt, max_tokens=32, draft="none").token_ids
             assert engine.generate(prompt, max_tokens=32).token_ids == plain, f"prompt {p['id']}"
         assert 1 < engine.tree_size < 16
+
+
+def test_seeded_sampling_gives_the_plain_text_with_any_drafter(forced, dev_prompts) -> None:
+    """Draws are keyed by position (verify.PositionDraws): at temperature 0.8 a seed gives
+    plain decoding's tokens whatever the drafters propose, and again after they learnt more.
+    Before, a rejected tree's draws shifted every later one."""
+    drafted = 0
+    for p in dev_prompts[::4]:
+        messages = [{"role": "user", "content": p["turns"][0]}]
+        options = dict(max_tokens=48, temperature=0.8, top_p=0.95, seed=7)
+        plain = forced.chat(messages, draft="none", **options).token_ids
+        for draft in ("fused", "lookup", "fused"):
+            result = forced.chat(messages, draft=draft, **options)
+            drafted += result.stats.draft_nodes
+            assert result.token_ids == plain, f"prompt {p['id']}, {draft}"
+    assert drafted > 0

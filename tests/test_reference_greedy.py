@@ -59,7 +59,7 @@ def test_accepted_paths_of_every_shape_leave_output_unchanged(backend) -> None:
         emitted.append(token)
         tree = _tree_around(plain[len(emitted) :], token, backend.vocab_size, rng)
         logits = backend.verify(tree)
-        acc = accept(tree, logits, SamplingParams(), rng)
+        acc = accept(tree, logits, SamplingParams(), lambda depth: rng)
         backend.commit(acc.path)
         emitted += [tree.tokens[i] for i in acc.path[1:]]
         accepted += acc.n_accepted_drafts

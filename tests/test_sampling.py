@@ -20,14 +20,22 @@ import numpy as np
 import pytest
 
 from edgespec.tree import TokenTree
-from edgespec.verify import Acceptance, SamplingParams, accept, multi_candidate, pick, probabilities
+from edgespec.verify import (
+    Acceptance,
+    Draws,
+    SamplingParams,
+    accept,
+    multi_candidate,
+    pick,
+    probabilities,
+)
 from runtimes.reference import ReferenceBackend
 
 N_SAMPLES = 20_000
 K = 3  # tokens compared per generation
 VOCAB = 10
 Context = tuple[int, ...]
-Acceptor = Callable[[TokenTree, np.ndarray, SamplingParams, np.random.Generator], Acceptance]
+Acceptor = Callable[[TokenTree, np.ndarray, SamplingParams, Draws], Acceptance]
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def generate(target, draft: Callable, acceptor: Acceptor, params, rng) -> tuple[
     accepted = 0
     while len(context) < K:
         tree = draft(context, params, rng)
-        acc = acceptor(tree, target.rows(context, tree), params, rng)
+        acc = acceptor(tree, target.rows(context, tree), params, lambda depth: rng)
         context += tuple(tree.tokens[i] for i in acc.path[1:]) + (acc.next_token,)
         accepted += acc.n_accepted_drafts
     return context[:K], accepted
@@ -191,10 +199,10 @@ def pvalue(target, draft: Callable, acceptor: Acceptor, params) -> tuple[float, 
     return chi_square_pvalue(samples, exact_distribution(target, params)), accepted
 
 
-def broken_accept(
-    tree: TokenTree, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
-) -> Acceptance:
+def broken_accept(tree: TokenTree, logits: np.ndarray, params: SamplingParams, draws: Draws
+                  ) -> Acceptance:
     """A plausible-looking bug: after rejecting every child, draw from p, not the residual."""
+    rng = draws(0)  # one shared generator in these tests
     node, path = 0, [0]
     while True:
         p, q = probabilities(logits[node], params), tree.draft_probs.get(node)
@@ -329,7 +337,7 @@ def test_greedy_ignores_the_draft_distribution() -> None:
     tree = TokenTree([0, 1, 2], [-1, 0, 1])
     tree.draft_probs[0] = np.array([0.0, 0.0, 1.0])
     logits = np.array([[0.0, 5.0, 1.0], [0.0, 1.0, 5.0], [5.0, 0.0, 0.0]])
-    acc = accept(tree, logits, SamplingParams(), np.random.default_rng(0))
+    acc = accept(tree, logits, SamplingParams(), lambda depth: np.random.default_rng(0))
     assert acc.path == [0, 1, 2] and acc.next_token == 0
 
 

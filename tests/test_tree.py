@@ -41,7 +41,7 @@ def test_rejects_malformed_parents(parents: list[int]) -> None:
 @given(trees(), st.integers(0, 2**32 - 1))
 def test_greedy_accepts_a_root_path_of_argmax_matches(tree: TokenTree, seed: int) -> None:
     logits = np.random.default_rng(seed).standard_normal((len(tree), 6))
-    result = accept(tree, logits, GREEDY, np.random.default_rng(0))
+    result = accept(tree, logits, GREEDY, lambda depth: np.random.default_rng(0))
     path = result.path
     assert path[0] == 0
     assert path == tree.path_to(path[-1])  # a root path of the tree
