@@ -151,6 +151,44 @@ def run(
         raise _fail("interrupted", 130) from None
 
 
+@app.command("chat")
+def chat_cmd(
+    first: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Model file.")] = None,
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens",
+                                            help="New tokens per answer.")] = 512,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
+    draft: DraftOpt = "fused",
+    threads: ThreadsOpt = None,
+    ctx_size: CtxOpt = 4096,
+    backend: BackendOpt = "auto",
+    device: DeviceOpt = None,
+) -> None:
+    """Talk with a chat model in the terminal (/reset, /stats, /exit; Ctrl-C stops an answer)."""
+    from edgespec.chat_cli import HELP, ChatSession, chat_loop
+
+    try:
+        if first is not None and model is not None:
+            raise UserError("give the model either positionally or with -m, not both")
+        _check_numbers(max_tokens=max_tokens, threads=threads, temp=temp)
+        if max_tokens >= ctx_size:
+            raise UserError(f"-n/--max-tokens ({max_tokens}) must leave room in the context "
+                            f"of {ctx_size} tokens")
+        with load(model or (Path(first) if first else None), backend=backend, draft=draft,
+                  threads=threads, ctx=ctx_size, device=device) as engine:
+            engine.render_chat([{"role": "user", "content": "hi"}])  # a template, or say so
+            if sys.stdin.isatty():
+                typer.echo(HELP, err=True)
+            chat_loop(ChatSession(engine, system=system, max_tokens=max_tokens,
+                                  temperature=temp, seed=seed))
+    except UserError as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
 @app.command("export")
 def export_cmd(
     src: Annotated[Path, typer.Argument(metavar="MODEL", help="GGUF file or HF folder.")],
