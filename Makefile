@@ -110,9 +110,10 @@ install: wheel
 install-test: install system-deps
 	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx,openvino,bench]" --find-links $(WHEELS)
 
-# Debian packages the tests use (objdump: tests/test_build.py), installed when missing so no
-# test is skipped for want of a tool. CI runs as root; elsewhere this says what to install.
-DEBIAN_PKGS := binutils
+# Debian packages the tests use (objdump: tests/test_build.py; Xvfb, xdotool and ImageMagick's
+# import: tests/test_desktop.py), installed when missing so no test is skipped for want of a
+# tool. CI runs as root; elsewhere this says what to install.
+DEBIAN_PKGS := binutils xvfb xdotool imagemagick
 system-deps:
 	@missing=$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
