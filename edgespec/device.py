@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class DeviceFacts:
     battery: dict[str, Any] | None = None
     thermal_c: dict[str, float] = field(default_factory=dict)
     llamacpp_features: list[str] = field(default_factory=list)
+    llamacpp_devices: list[str] = field(default_factory=list)  # CPU, or Vulkan0, OpenCL…
     openvino_devices: list[str] = field(default_factory=list)
     onnxruntime_providers: list[str] = field(default_factory=list)
 
@@ -86,6 +88,7 @@ def device_facts(*, engines: bool = True) -> DeviceFacts:
         facts.battery = _psutil(_battery)
         facts.thermal_c = _psutil(_thermal) or {}
         facts.llamacpp_features = llamacpp_features()
+        facts.llamacpp_devices = llamacpp_devices()
         facts.openvino_devices = _openvino_devices()
         facts.onnxruntime_providers = _onnxruntime_providers()
     return facts
@@ -100,6 +103,31 @@ def llamacpp_features() -> list[str]:
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     return [part.split("=")[0].strip() for part in info.replace("CPU :", "|").split("|")
             if part.strip().endswith("= 1")]
+
+
+def llamacpp_devices() -> list[str]:
+    """The devices the llama.cpp build can compute on: "CPU", and e.g. "Vulkan0" for a
+    GPU build (on Android: Vulkan or OpenCL). Read from ggml's device registry, which
+    llama-cpp-python does not bind."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return []
+    import ctypes
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / _shared("ggml")))
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    return [lib.ggml_backend_dev_name(lib.ggml_backend_dev_get(i)).decode(errors="replace")
+            for i in range(lib.ggml_backend_dev_count())]
+
+
+def _shared(name: str) -> str:
+    return {"darwin": f"lib{name}.dylib", "win32": f"{name}.dll"}.get(sys.platform,
+                                                                       f"lib{name}.so")
 
 
 def _psutil(read):

@@ -66,6 +66,7 @@ def device_table(device: DeviceFacts) -> Table:
                            for c in device.clusters),
         "CPU features": " ".join(device.isa) or "?",
         "llama.cpp build uses": " ".join(device.llamacpp_features) or "(not installed)",
+        "llama.cpp devices": " ".join(device.llamacpp_devices) or "(not installed)",
         "memory": "?" if device.ram_total is None else
                   f"{device.ram_available / gib:.1f} of {device.ram_total / gib:.1f} GiB free, "
                   f"swap {(device.swap_total or 0) / gib:.1f} GiB",

@@ -36,6 +36,7 @@ def test_device_facts_match_the_machine() -> None:
     assert ("avx2" in flags) == ("avx2" in device.isa)
     if "avx2" in flags:
         assert "AVX2" in device.llamacpp_features
+    assert device.llamacpp_devices[0] == "CPU"  # this build has no GPU backend
     assert device.key() == device_facts().key()  # free memory moves; the key does not
 
 
