@@ -177,6 +177,10 @@ class Worker:
         return True
 
     def _run(self) -> None:
+        # Every engine call stays on this one thread, the cost-curve probe included: OpenMP
+        # gives each calling thread its own team, and with more threads than cores libgomp
+        # stops spinning at barriers (decoding ran at a third of in-process speed).
+        self.engine.generate(" ", max_tokens=0)
         while (job := self._jobs.get()) is not None:
             self._current = job
             outcome = self._generate(job)
@@ -463,7 +467,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(engine: Engine, sock: socket.socket, **options: Any) -> None:
     """Serve until Ctrl-C or SIGTERM; ``options`` are :func:`create_app`'s."""
-    engine.generate(" ", max_tokens=0)  # the cost curve (saved or measured) now, not later
     config = uvicorn.Config(create_app(engine, **options), log_level="info",
                             timeout_graceful_shutdown=3)
     host, port = sock.getsockname()[:2]  # logged after Config, which sets up uvicorn's logging

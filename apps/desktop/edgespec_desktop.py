@@ -1,7 +1,9 @@
 """A desktop chat window on the embedded API: Tk from the standard library, no other GUI kit.
 
-Tk is not thread-safe, so the model loads and generates on worker threads that hand text
-to the window through a queue the window polls; the window never waits on the engine.
+Tk is not thread-safe, so the model loads and generates on one engine thread that hands
+text to the window through a queue the window polls; the window never waits on the engine.
+One thread, not one per answer: llama.cpp's OpenMP gives every calling thread its own
+team, and with more threads than cores libgomp stops spinning at barriers (half speed).
 Stop (or Escape) sets the answer's cancel event. The status line shows live tokens/s,
 tokens per step and this process's memory. Events also go to stdout, one line each, so a
 script or a test can follow the window from outside.
@@ -30,7 +32,9 @@ class ChatWindow:
     def __init__(self, root: tk.Tk, model: Path | None) -> None:
         self.root, self.engine = root, None
         self.messages: list[dict] = []
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.Queue = queue.Queue()  # engine thread → window
+        self.jobs: queue.Queue = queue.Queue()  # window → engine thread
+        threading.Thread(target=self._engine_thread, daemon=True).start()
         self.cancel: threading.Event | None = None
         self.started = 0.0  # when the current answer's first piece arrived
         self.pieces = 0
@@ -70,7 +74,7 @@ class ChatWindow:
 
     def load(self, model: Path | None) -> None:
         self.model_label.config(text="loading…")
-        threading.Thread(target=self._load, args=(model,), daemon=True).start()
+        self.jobs.put(lambda: self._load(model))
 
     def send(self) -> None:
         text = self.entry.get().strip()
@@ -82,8 +86,8 @@ class ChatWindow:
         self.cancel, self.pieces = threading.Event(), 0
         self.stop_button.config(state="normal")
         self.send_button.config(state="disabled")
-        threading.Thread(target=self._answer, args=(list(self.messages), self.cancel),
-                         daemon=True).start()
+        messages, cancel = list(self.messages), self.cancel
+        self.jobs.put(lambda: self._answer(messages, cancel))
         log("answer started")
 
     def stop(self) -> None:
@@ -143,7 +147,11 @@ class ChatWindow:
             self.model_label.config(text="no model")
         log(f"error: {message}")
 
-    # -- workers ---------------------------------------------------------------------------
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _engine_thread(self) -> None:
+        while True:
+            self.jobs.get()()
 
     def _load(self, model: Path | None) -> None:
         try:
