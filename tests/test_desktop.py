@@ -70,7 +70,8 @@ def test_type_a_question_watch_it_stream_stop_it_and_screenshot(display, smollm_
         shot = tmp_path / "desktop.png"
         subprocess.run(["import", "-window", "root", str(shot)], env=env, check=True,
                        timeout=30)
-        subprocess.run([*xdo, "key", "Escape"], env=env, check=True)  # Stop's shortcut
+        # press the Stop button itself: Tab from the entry skips the disabled Send button
+        subprocess.run([*xdo, "key", "Tab", "space"], env=env, check=True)
         events = _wait_for(app, "answer ")
         assert events[-1].endswith("answer stopped"), events
         colours = subprocess.run(["identify", "-format", "%k", str(shot)], capture_output=True,
