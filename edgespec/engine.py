@@ -158,10 +158,13 @@ class DecodeLoop:
         keep = min(_common_prefix(self.cached, prompt), self.prefilled, len(prompt) - 1)
         keep -= keep % chunk
         self.backend.truncate(keep)
-        for start in range(keep, len(prompt), chunk):
-            logits = self.backend.prefill(prompt[start:start + chunk])
-        self.cached = list(prompt)
-        self.prefilled = len(prompt)
+        del self.cached[keep:]
+        self.prefilled = keep
+        for start in range(keep, len(prompt), chunk):  # cached grows chunk by chunk: a Ctrl-C
+            piece = prompt[start:start + chunk]  # between two leaves it true
+            logits = self.backend.prefill(piece)
+            self.cached.extend(piece)
+            self.prefilled = len(self.cached)
         return logits
 
     def _tokens(

@@ -101,3 +101,28 @@ def test_reused_prefill_logits_are_bit_identical(smollm_q4_k_m: Path,
         np.testing.assert_array_equal(prefill(first), expected[first], err_msg="after another")
         loop._prefill(ids[long][: len(ids[long]) // 2 + 1])
         np.testing.assert_array_equal(prefill(long), expected[long], err_msg="half of it cached")
+
+
+def test_a_prefill_interrupted_between_chunks_leaves_nothing_reused_wrongly(
+        smollm_q4_k_m: Path, dev_prompts: list[dict]) -> None:
+    """Ctrl-C between two prefill chunks: the cache holds the new prompt's first chunk, not
+    the old prompt the loop remembered, and the next prompt still gets fresh logits."""
+    a, b = sorted(dev_prompts, key=lambda p: len(p["turns"][0]))[-2:]
+    with edgespec.load(smollm_q4_k_m, ctx=2048, draft="none") as engine:
+        loop, backend = engine._decode_loop(speculative=False), engine.backend
+        ids_a, ids_b = (engine.tokenize(f"User: {p['turns'][0]}\nAssistant:") for p in (a, b))
+        assert min(len(ids_a), len(ids_b)) > 2 * backend.prefill_chunk
+        expected = loop._prefill(ids_a).copy()
+        prefill, calls = backend.prefill, []
+
+        def interrupted(ids):  # the real prefill, with a Ctrl-C before its second chunk
+            calls.append(len(ids))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return prefill(ids)
+
+        backend.prefill = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            loop._prefill(ids_b)
+        backend.prefill = prefill
+        np.testing.assert_array_equal(loop._prefill(ids_a), expected)
