@@ -54,6 +54,13 @@ def _split_positionals(
     return model, first
 
 
+def _one_model(first: str | None, model: Path | None) -> str | None:
+    """``COMMAND [MODEL]`` or ``-m MODEL``: the model named, if any, but not both ways."""
+    if first is not None and model is not None:
+        raise UserError("give the model either positionally or with -m, not both")
+    return first if model is None else str(model)
+
+
 def _read_prompt(prompt: str | None, file: Path | None) -> str:
     if prompt is not None and file is not None:
         raise UserError("give the prompt either with -p or with -f, not both")
@@ -170,13 +177,12 @@ def chat_cmd(
     from edgespec.chat_cli import HELP, ChatSession, chat_loop
 
     try:
-        if first is not None and model is not None:
-            raise UserError("give the model either positionally or with -m, not both")
+        name = _one_model(first, model)
         _check_numbers(max_tokens=max_tokens, threads=threads, temp=temp)
         if max_tokens >= ctx_size:
             raise UserError(f"-n/--max-tokens ({max_tokens}) must leave room in the context "
                             f"of {ctx_size} tokens")
-        with load(model or (Path(first) if first else None), backend=backend, draft=draft,
+        with load(name, backend=backend, draft=draft,
                   threads=threads, ctx=ctx_size, device=device) as engine:
             engine.render_chat([{"role": "user", "content": "hi"}])  # a template, or say so
             if sys.stdin.isatty():
@@ -313,9 +319,7 @@ def profile(
     from runtimes.llamacpp import default_threads
 
     try:
-        if first is not None and model is not None:
-            raise UserError("give the model either positionally or with -m, not both")
-        path = resolve_model(model or first)
+        path = resolve_model(_one_model(first, model))
         counts = sorted({1, default_threads()}) if threads is None else _counts(threads)
         if ctx_size < 512:
             raise UserError(f"-c/--ctx-size must be at least 512 to probe 300 cached tokens "
@@ -372,9 +376,7 @@ def serve(
         raise _fail("edgespec serve needs FastAPI and uvicorn: install edgespec[server]"
                     ) from None
     try:
-        if first is not None and model is not None:
-            raise UserError("give the model either positionally or with -m, not both")
-        name = first if model is None else str(model)
+        name = _one_model(first, model)
         _check_numbers(queue=queue, tree_size=tree_size, threads=threads)
         if max_tokens_cap is not None and max_tokens_cap < 1:
             raise UserError(f"--max-tokens-cap must be at least 1 (got {max_tokens_cap})")
