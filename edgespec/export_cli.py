@@ -25,7 +25,8 @@ class StageBars:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=max(total, 1))
-        self._progress.update(self._tasks[stage], completed=done, total=max(total, 1))
+        self._progress.update(self._tasks[stage], completed=done, total=max(total, 1),
+                              refresh=True)
 
 
 def run_export(src: Path, out: Path, *, to: str, quant: str | None, draft: str | None,
@@ -34,7 +35,9 @@ def run_export(src: Path, out: Path, *, to: str, quant: str | None, draft: str |
     spec = DraftSpec.parse(draft) if draft else None
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    # redrawn on each report rather than by rich's refresh thread: a daemon thread that is
+    # writing to stderr when Ctrl-C ends the process makes the interpreter abort at exit
+    with Progress(*columns, console=console, transient=False, auto_refresh=False) as progress:
         written = export_model(src, out, to=to, quant=quant, draft=spec, force=force,
                                progress=StageBars(progress))
     console.print(_summary(written))

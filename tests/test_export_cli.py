@@ -76,7 +76,8 @@ def test_folder_without_config_and_existing_output(tmp_path: Path, tiny_gguf: Pa
 def test_ctrl_c_leaves_nothing(tiny_gguf: Path, tmp_path: Path) -> None:
     """SIGINT while the export runs: exit 130 and no file or temporary left behind."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "edgespec", "export", str(tiny_gguf),
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "edgespec", "export",
+                             str(tiny_gguf),
                              "--to", "onnx", "--quant", "int4", "-o", str(out)],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -86,7 +87,7 @@ def test_ctrl_c_leaves_nothing(tiny_gguf: Path, tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the export finished before the interrupt arrived")
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted" in err, err  # faulthandler: any abort's stacks
     assert list(tmp_path.iterdir()) == []
 
 
