@@ -61,7 +61,8 @@ class Engine:
         govern_threads: bool = False,
     ) -> None:
         """``model``: the file or export ``backend`` loaded, to find its saved device profile
-        (``edgespec profile``); without one, the first speculative generation probes.
+        (``edgespec profile``); without one (or ``model=None``), the first speculative
+        generation probes.
         ``govern_threads``: use one thread fewer while another process holds a core
         (:mod:`edgespec.threads`); :func:`load` sets it unless the caller chose ``threads``."""
         tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
@@ -197,7 +198,7 @@ class Engine:
                                     govern_threads=self.govern_threads)
         if speculative and self._policy is None:
             self._loop.forget()
-            self.profile = self._saved_profile()
+            self.profile = self.saved_profile()
             exact, cost = ((self.profile.exact, self.profile.curve()) if self.profile
                            else profile(self.backend))
             self.tree_size = min(self.tree_size, exact)
@@ -206,7 +207,8 @@ class Engine:
             self._loop.policy = self._policy
         return self._loop
 
-    def _saved_profile(self) -> BackendProfile | None:
+    def saved_profile(self) -> BackendProfile | None:
+        """This device's saved profile for this model, backend, build and thread count."""
         if self.model is None:
             return None
         b = self.backend
@@ -282,11 +284,14 @@ def load(
     tree_size: int | None = None,
     adaptive: bool = True,
     device: str | None = None,
+    saved_profile: bool = True,
 ) -> Engine:
     """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) into an :class:`Engine`.
 
     ``adaptive=False`` verifies every drafted tree in full instead of only what the measured
     cost curve says pays off: slower, but it exercises speculation on every step.
+    ``saved_profile=False`` ignores this device's saved profile and probes, as on a device
+    never profiled (the bench compares the two).
     """
     if ctx < 16:
         raise UserError(f"the context size must be at least 16 tokens (got {ctx})")
@@ -297,4 +302,5 @@ def load(
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
     return Engine(runtimes.open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
-                  adaptive=adaptive, model=path, govern_threads=threads is None)
+                  adaptive=adaptive, model=path if saved_profile else None,
+                  govern_threads=threads is None)

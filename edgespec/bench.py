@@ -94,6 +94,7 @@ class BenchOptions:
     threads: int | None = None
     ctx: int = 4096
     tree_size: int | None = None
+    profile: str = "saved"  # speculative configs with the saved device profile, probing, both
     out: Path = Path("bench-out")
 
 
@@ -401,8 +402,10 @@ def divergences(engine: Engine, rows: list[Measurement], configs: set[str] | Non
 def build_configs(options: BenchOptions, backends: list[str]) -> tuple[list[Config], dict]:
     """edgespec's (backend, draft) pairs, baseline first, then the installed peers."""
     drafts = ["none", *(d for d in options.drafts if d != "none")]
-    configs = [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size)
-               for b in backends for d in drafts]
+    saved = {"saved": [True], "probe": [False], "both": [True, False]}[options.profile]
+    configs = [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
+                               saved_profile=use)
+               for b in backends for d in drafts for use in (saved if d != "none" else [True])]
     skipped = {}
     for engine, variant in select_peers(options.peers):
         reason = missing(engine)
@@ -443,7 +446,11 @@ def run_bench(options: BenchOptions) -> list[dict]:
         requests = prepare_requests(engine, prompts, options.max_tokens)
         warmup = render(engine, ["Say hello."], [])
         stop_ids = engine.backend.tokenizer.eos_ids
-        threads = options.threads or getattr(engine.backend, "threads", None)
+        threads = options.threads or engine.backend.threads
+        profiled = engine.saved_profile() is not None
+        if not profiled and options.profile != "probe":
+            console.log(f"[yellow]no saved profile for {model.name} on this device: the "
+                        f"speculative configurations probe (run `edgespec profile {model}`)")
         workers = Workers(skipped, console)
         try:
             workers.start(configs, model, threads=threads, stop_ids=sorted(stop_ids),
@@ -461,7 +468,8 @@ def run_bench(options: BenchOptions) -> list[dict]:
     labels = [c.label for c in configs if any(m.config == c.label for m in rows)]
     summary = summarize(rows, labels, baseline=baseline)
     ratio_to = RATIO_REFERENCE if RATIO_REFERENCE in labels else baseline
-    results = {"meta": _meta(options, model, configs, workers, threads, ratio_to),
+    results = {"meta": {**_meta(options, model, configs, workers, threads, ratio_to),
+                        "saved_profile": profiled},
                "summary": summary, "verify_cost": verify_cost,
                "divergences": diverged, "measurements": [asdict(m) for m in rows]}
     bench_report.write(results, options.out, Console(width=max(Console().width, 180)))

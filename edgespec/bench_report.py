@@ -130,7 +130,9 @@ def markdown(results: dict) -> str:
     ratio = {(r["category"], r["config"]): r["ratio"] for r in summary}
     lines = [f"Model `{meta['model']}`, {meta['max_tokens']} new tokens per turn (greedy), "
              f"{meta['threads']} threads, {meta['repeat']} repetition(s), prompts "
-             f"`{meta['prompts']}`, {meta['date']}.", "",
+             f"`{meta['prompts']}`, {meta['date']}"
+             + ("; speculation from this device's saved profile (`edgespec profile`)."
+                if meta.get("saved_profile") else "."), "",
              f"Decode speed relative to `{meta['ratio_to']}`:", ""]
     lines += _md_table(["category", *configs], [
         [c, *(_cell(ratio.get((c, k)), "{:.2f}×") for k in configs)]

@@ -251,6 +251,9 @@ def bench(
         "--backend", help="edgespec backends to run, a,b,… (auto|llamacpp|onnx|…).")] = "auto",
     peers: Annotated[str, typer.Option(
         "--peers", help="Peer engines: all, none or a,b,… (engine or engine:variant).")] = "all",
+    profile: Annotated[str, typer.Option(
+        "--profile", help="Speculate with the saved device profile (saved), a start-up probe "
+        "(probe, label <draft>+probe) or both.")] = "saved",
     out: Annotated[Path, typer.Option("--out", help="Directory for results.")] = Path("bench-out"),
 ) -> None:
     """edgespec's drafters and peer engines, interleaved in one run, per prompt category."""
@@ -259,11 +262,13 @@ def bench(
     try:
         _check_numbers(max_tokens=max_tokens, tree_size=tree_size, threads=threads,
                        repeat=repeat)
+        if profile not in ("saved", "probe", "both"):
+            raise UserError(f"--profile must be saved, probe or both (got {profile!r})")
         options = BenchOptions(
             model=model, prompts=prompts, drafts=draft or ["fused"], max_tokens=max_tokens,
             categories=categories.split(",") if categories else None, limit=limit,
             repeat=repeat, threads=threads, ctx=ctx_size, tree_size=tree_size,
-            backends=backend.split(","), peers=peers, out=out,
+            backends=backend.split(","), peers=peers, profile=profile, out=out,
         )
         run_bench(options)
     except UserError as e:

@@ -13,9 +13,11 @@ import edgespec
 from edgespec import bench_report
 from edgespec.bench import (
     BASELINE,
+    BenchOptions,
     Measurement,
     Prompt,
     Request,
+    build_configs,
     divergences,
     prepare_requests,
     read_prompts,
@@ -121,6 +123,15 @@ def test_peer_selection() -> None:
     assert len(select_peers("all")) == 6
     with pytest.raises(UserError, match="unknown peer"):
         select_peers("vllm")
+
+
+def test_profile_both_pairs_every_speculative_config_with_a_probing_one() -> None:
+    options = BenchOptions(drafts=["fused", "lookup"], peers="none", profile="both")
+    configs, _ = build_configs(options, ["llamacpp"])
+    assert [c.label for c in configs] == [
+        "edgespec-llamacpp:plain", "edgespec-llamacpp:fused", "edgespec-llamacpp:fused+probe",
+        "edgespec-llamacpp:lookup", "edgespec-llamacpp:lookup+probe"]
+    assert [c.options["saved_profile"] for c in configs] == [True, True, False, True, False]
 
 
 def test_reports_markdown_plot_and_docs_page(tmp_path: Path) -> None:

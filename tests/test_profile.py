@@ -82,6 +82,10 @@ def test_load_uses_the_saved_profile_instead_of_probing(tiny_gguf: Path) -> None
     with edgespec.load(tiny_gguf, threads=2, ctx=512) as engine:  # not profiled: probes
         engine.generate("Once upon a time", max_tokens=8)
         assert engine.profile is None and engine.tree_size > 3
+    with edgespec.load(tiny_gguf, threads=1, ctx=512, saved_profile=False) as engine:
+        assert engine.saved_profile() is None  # told to ignore it: probes, as the bench's +probe
+        engine.generate("Once upon a time", max_tokens=8)
+        assert engine.profile is None and engine.tree_size > 3
 
 
 def test_the_profile_command_prints_json_and_a_plot(tiny_gguf: Path, tmp_path: Path,

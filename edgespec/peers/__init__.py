@@ -82,11 +82,14 @@ def venv_python(venv: str) -> Path:
     return PEERS_DIR / f"{venv}-venv" / "bin" / "python"
 
 
-def edgespec_config(backend: str, draft: str, *, ctx: int, tree_size: int | None) -> Config:
-    """edgespec with ``draft`` ("none" = plain decoding) on ``backend``, in this Python."""
-    variant = PLAIN if draft == "none" else draft
+def edgespec_config(backend: str, draft: str, *, ctx: int, tree_size: int | None,
+                    saved_profile: bool = True) -> Config:
+    """edgespec with ``draft`` ("none" = plain decoding) on ``backend``, in this Python;
+    ``saved_profile=False`` (variant ``<draft>+probe``) ignores the device's saved profile."""
+    variant = PLAIN if draft == "none" else draft + ("" if saved_profile else "+probe")
     return Config(f"edgespec-{backend}:{variant}", "edgespec",
-                  {"backend": backend, "draft": draft, "ctx": ctx, "tree_size": tree_size},
+                  {"backend": backend, "draft": draft, "ctx": ctx, "tree_size": tree_size,
+                   "saved_profile": saved_profile},
                   Path(sys.executable), EDGESPEC_FORMATS.get(backend, "gguf"),
                   same_engine=backend == "llamacpp")
 

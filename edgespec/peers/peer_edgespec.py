@@ -23,9 +23,9 @@ def version() -> str:
 
 class Peer:
     def __init__(self, model: str, threads: int | None, stop_ids: list[int], *, backend: str,
-                 draft: str, ctx: int, tree_size: int | None) -> None:
+                 draft: str, ctx: int, tree_size: int | None, saved_profile: bool) -> None:
         self.engine = edgespec.load(model, backend=backend, draft=draft, threads=threads,
-                                    ctx=ctx, tree_size=tree_size)
+                                    ctx=ctx, tree_size=tree_size, saved_profile=saved_profile)
 
     def verify_cost(self, sizes: list[int], context: int) -> dict:
         """Seconds of verifying each of ``sizes`` tokens after ``context`` cached ones."""
