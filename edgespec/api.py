@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import runtimes  # module import: runtimes imports edgespec.errors, so no from-import
-from edgespec import profile_store
+from edgespec import memory, profile_store
 from edgespec.autotune import CostCurve, SpeculationPolicy
 from edgespec.chat import ChatTemplate, Message
 from edgespec.device import device_key
@@ -29,9 +29,10 @@ from edgespec.models import resolve_model
 from edgespec.profiler import BackendProfile, probe_verify_cost, profile
 from edgespec.textstream import TextStream
 from edgespec.verify import PositionDraws, SamplingParams
-from runtimes.base import Backend
+from runtimes.base import Backend, default_threads
 
 DEFAULT_TREE_SIZE = 16
+DEFAULT_RECYCLING_K = 4  # Token Recycling's successors per token
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Engine:
         adaptive: bool = True,
         model: Path | None = None,
         govern_threads: bool = False,
+        recycling_k: int = DEFAULT_RECYCLING_K,
     ) -> None:
         """``model``: the file or export ``backend`` loaded, to find its saved device profile
         (``edgespec profile``); without one (or ``model=None``), the first speculative
@@ -73,6 +75,8 @@ class Engine:
         self.tree_size = min(tree_size, getattr(backend, "max_tree_nodes", tree_size))
         self.adaptive = adaptive
         self._drafters: dict[str, Drafter | None] = {}
+        self._recycling_k = recycling_k
+        self.plan: memory.Plan | None = None  # set by load() under a memory budget
         self._drafter(draft)  # validate the name now, not at the first generation
         self.model = model
         self.govern_threads = govern_threads
@@ -119,9 +123,26 @@ class Engine:
         """Text pieces of :meth:`generate` as they are produced."""
         return self.generate(prompt, stream=True, **kwargs)
 
-    def chat(self, messages: Sequence[Message], **kwargs) -> GenerationResult | TextIterator:
-        """Reply to ``messages`` using the model's chat template; same options as generate."""
-        return self.generate(self.render_chat(messages), **kwargs)
+    def chat(self, messages: Sequence[Message], *, max_tokens: int = 256,
+             **kwargs) -> GenerationResult | TextIterator:
+        """Reply to ``messages`` using the model's chat template; same options as generate.
+
+        Across calls the cache of the conversation so far is reused (prefix reuse). A
+        conversation that outgrows the context loses its oldest exchanges first
+        (:meth:`fit_conversation`) and the rest is prefilled again, instead of an error.
+        """
+        kept = self.fit_conversation(messages, max_tokens)
+        return self.generate(self.render_chat(kept), max_tokens=max_tokens, **kwargs)
+
+    def fit_conversation(self, messages: Sequence[Message], max_tokens: int) -> list[Message]:
+        """``messages`` less the oldest exchanges, until they and ``max_tokens`` of answer
+        fit the context: system messages and the last message are always kept."""
+        system = [m for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        limit = self.backend.n_ctx - max_tokens
+        while len(turns) > 1 and len(self.tokenize(self.render_chat([*system, *turns]))) > limit:
+            del turns[:2 if len(turns) > 2 else 1]
+        return [*system, *turns]
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         info = self.backend.tokenizer
@@ -186,7 +207,8 @@ class Engine:
 
     def _drafter(self, name: str) -> Drafter | None:
         if name not in self._drafters:
-            self._drafters[name] = make_drafter(name, self.backend.vocab_size)
+            self._drafters[name] = make_drafter(name, self.backend.vocab_size,
+                                                recycling_k=self._recycling_k)
         return self._drafters[name]
 
     def _decode_loop(self, speculative: bool) -> DecodeLoop:
@@ -285,6 +307,8 @@ def load(
     adaptive: bool = True,
     device: str | None = None,
     saved_profile: bool = True,
+    memory_budget: str | int | None = None,
+    min_ctx: int = 512,
 ) -> Engine:
     """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) into an :class:`Engine`.
 
@@ -292,15 +316,37 @@ def load(
     cost curve says pays off: slower, but it exercises speculation on every step.
     ``saved_profile=False`` ignores this device's saved profile and probes, as on a device
     never profiled (the bench compares the two).
+    ``memory_budget`` (``"400MB"``, ``"1GiB"`` or bytes) caps the process's peak memory:
+    the planner (:mod:`edgespec.memory`) sets the context (at least ``min_ctx`` tokens, at
+    most ``ctx``), the tree size and the drafter's table to fit it, fastest first, and
+    ``Engine.plan`` says what it chose.
     """
     if ctx < 16:
         raise UserError(f"the context size must be at least 16 tokens (got {ctx})")
     if threads is not None and threads < 1:
         raise UserError(f"threads must be at least 1 (got {threads})")
     path = resolve_model(model)
+    name = runtimes.backend_for(path, backend)
+    tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
+    saved = _saved_profile(path, name, threads) if saved_profile else None
+    plan = None if memory_budget is None else memory.plan(
+        memory.parse_size(memory_budget), path, name, draft=draft, ctx=ctx,
+        min_ctx=min(min_ctx, ctx), tree_size=tree_size, profile=saved)
     options = {"n_ctx": ctx, "threads": threads}
+    if plan is not None:
+        options.update(plan.backend_options)
+        draft, tree_size = plan.draft, plan.max_tree_nodes
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
-    return Engine(runtimes.open_backend(path, backend, **options), draft=draft, tree_size=tree_size,
-                  adaptive=adaptive, model=path if saved_profile else None,
-                  govern_threads=threads is None)
+    engine = Engine(runtimes.open_backend(path, name, **options), draft=draft,
+                    tree_size=tree_size, adaptive=adaptive,
+                    model=path if saved_profile else None, govern_threads=threads is None,
+                    recycling_k=plan.recycling_k if plan else DEFAULT_RECYCLING_K)
+    engine.plan = plan
+    return engine
+
+
+def _saved_profile(path: Path, backend: str, threads: int | None) -> BackendProfile | None:
+    """The saved profile a backend loaded with ``threads`` will use, found before loading."""
+    return profile_store.load(device_key(), path, backend, runtimes.backend_class(backend).build,
+                              threads or default_threads())

@@ -95,6 +95,7 @@ class BenchOptions:
     ctx: int = 4096
     tree_size: int | None = None
     profile: str = "saved"  # speculative configs with the saved device profile, probing, both
+    budgets: list[str] = field(default_factory=list)  # memory budgets, each a set of configs
     out: Path = Path("bench-out")
 
 
@@ -243,6 +244,14 @@ class Workers:
             return None
         return {int(n): seconds for n, seconds in reply["seconds"].items()}
 
+    def memory(self, label: str) -> dict | None:
+        """An edgespec worker's memory before loading, its weights and its plan."""
+        try:
+            return self.running[label].call("memory")
+        except WorkerError as e:
+            self.drop(label, str(e))
+            return None
+
     def drop(self, label: str, reason: str) -> None:
         self.console.print(f"[yellow]skipping {label}[/]: {reason}")
         self.skipped[label] = reason
@@ -376,6 +385,31 @@ def summarize(rows: list[Measurement], configs: list[str], baseline: str = BASEL
     return table
 
 
+def memory_table(rows: list[Measurement], memory: dict, summary: list[dict]) -> list[dict]:
+    """Per edgespec configuration: its plan, peak RSS, generation memory (peak RSS less the
+    process before loading and the weights) and decode speed relative to the same drafter
+    without a budget, with the 95% interval over turns."""
+    index = {(m.config, m.prompt_id, m.turn, m.repeat): m for m in rows}
+    speed = {r["config"]: r for r in summary if r["category"] == ALL}
+    table = []
+    for label, mem in memory.items():
+        if mem is None or label not in speed:
+            continue
+        unconstrained = label.split("@")[0]
+        peak = max(m.peak_rss_bytes for m in rows if m.config == label)
+        ms = [m for m in rows if m.config == label]
+        table.append({
+            "config": label, "plan": mem["plan"], "peak_rss": peak,
+            "generation": peak - mem["base_rss"] - mem["weights"],
+            "tokens_per_s": speed[label]["tokens_per_s"],
+            "ratio": speed[label]["tokens_per_s"] / speed[unconstrained]["tokens_per_s"]
+            if unconstrained in speed else None,
+            "ratio_ci": None if unconstrained == label
+            else _paired_interval(ms, index, unconstrained),
+        })
+    return table
+
+
 def divergences(engine: Engine, rows: list[Measurement], configs: set[str] | None = None,
                 baseline: str = BASELINE) -> list[dict]:
     """Where a configuration's output left plain decoding's, and how close the call was.
@@ -399,13 +433,18 @@ def divergences(engine: Engine, rows: list[Measurement], configs: set[str] | Non
     return found
 
 
-def build_configs(options: BenchOptions, backends: list[str]) -> tuple[list[Config], dict]:
-    """edgespec's (backend, draft) pairs, baseline first, then the installed peers."""
+def build_configs(options: BenchOptions, backends: list[str],
+                  min_ctx: int = 512) -> tuple[list[Config], dict]:
+    """edgespec's (backend, draft) pairs, baseline first, then each memory budget's (every
+    plan holding ``min_ctx`` tokens), then the installed peers."""
     drafts = ["none", *(d for d in options.drafts if d != "none")]
     saved = {"saved": [True], "probe": [False], "both": [True, False]}[options.profile]
     configs = [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
                                saved_profile=use)
                for b in backends for d in drafts for use in (saved if d != "none" else [True])]
+    configs += [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
+                                memory_budget=budget, min_ctx=min_ctx)
+                for budget in options.budgets for b in backends for d in drafts]
     skipped = {}
     for engine, variant in select_peers(options.peers):
         reason = missing(engine)
@@ -438,12 +477,13 @@ def run_bench(options: BenchOptions) -> list[dict]:
     prompts = read_prompts(options.prompts, options.categories, options.limit)
     model = resolve_model(options.model)
     backends = list(dict.fromkeys(runtimes.backend_for(model, b) for b in options.backends))
-    configs, skipped = build_configs(options, backends)
-    baseline = configs[0].label
     with load(model, backend=backends[0], threads=options.threads, ctx=options.ctx,
               draft="none") as engine:
         console.log(f"rendering {len(prompts)} prompts (multi-turn: plain decoding's answers)")
         requests = prepare_requests(engine, prompts, options.max_tokens)
+        longest = max(len(engine.tokenize(r.text)) for r in requests) + options.max_tokens
+        configs, skipped = build_configs(options, backends, min_ctx=longest)
+        baseline = configs[0].label
         warmup = render(engine, ["Say hello."], [])
         stop_ids = engine.backend.tokenizer.eos_ids
         threads = options.threads or engine.backend.threads
@@ -460,7 +500,9 @@ def run_bench(options: BenchOptions) -> list[dict]:
             console.log("verify cost per backend")
             verify_cost = measure_verify_cost(
                 workers, [c.label for c in configs if c.adapter == "edgespec"
-                          and c.options["draft"] == "none"])
+                          and c.options["draft"] == "none" and not c.options["memory_budget"]])
+            memory = {c.label: workers.memory(c.label) for c in configs
+                      if c.adapter == "edgespec" and c.label in workers.running}
         finally:
             workers.close()
         diverged = divergences(engine, rows, {c.label for c in configs if c.same_engine},
@@ -471,6 +513,7 @@ def run_bench(options: BenchOptions) -> list[dict]:
     results = {"meta": {**_meta(options, model, configs, workers, threads, ratio_to),
                         "saved_profile": profiled},
                "summary": summary, "verify_cost": verify_cost,
+               "memory": memory_table(rows, memory, summary) if options.budgets else [],
                "divergences": diverged, "measurements": [asdict(m) for m in rows]}
     bench_report.write(results, options.out, Console(width=max(Console().width, 180)))
     return summary

@@ -144,6 +144,10 @@ def markdown(results: dict) -> str:
     headers, rows = verify_cost_table(results)
     if rows:
         lines += [f"{_verify_title(results)}:", "", *_md_table(headers, rows), ""]
+    if results.get("memory"):
+        png = results["meta"].get("memory_png", "memory.png")
+        lines += [MEMORY_TITLE, "", *_md_table(*memory_rows(results)), "",
+                  f"![speed against peak memory]({png})", ""]
     lines += _md_table(["configuration", "version", "weights", "options"], [
         [label, c["version"], c["weights"], f"`{json.dumps(c['options'])}`"]
         for label, c in meta["configs"].items() if c["version"]])
@@ -151,6 +155,60 @@ def markdown(results: dict) -> str:
         lines += ["", "Skipped:", ""]
         lines += [f"- {label}: {why}" for label, why in meta["skipped"].items()]
     return "\n".join(lines) + "\n"
+
+
+MEMORY_TITLE = (
+    "Under a memory budget (`--memory-budget`): peak RSS of the worker process, generation "
+    "memory (peak RSS less the process before loading and the weights), and decode speed "
+    "relative to the same drafter without a budget (95% interval over turns)")
+
+
+def memory_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    rows = results["memory"]
+    free = {r["config"]: r["generation"] for r in rows if r["plan"] is None}
+    headers = ["config", "context", "tree", "recycling k", "peak RSS MB", "generation MB",
+               "of unconstrained", "tok/s", "× unconstrained", "95%"]
+    table = []
+    for r in rows:
+        plan, base = r["plan"] or {}, free.get(r["config"].split("@")[0])
+        ci = r["ratio_ci"]
+        table.append([r["config"], _cell(plan.get("ctx"), "{:,}"), _cell(plan.get("tree"), "{}"),
+                      _cell(plan.get("recycling_k"), "{}"), f"{r['peak_rss'] / 1e6:,.0f}",
+                      f"{r['generation'] / 1e6:,.1f}",
+                      _cell(r["generation"] / base if base else None, "{:.0%}"),
+                      f"{r['tokens_per_s']:.1f}", _cell(r["ratio"], "{:.2f}×"),
+                      f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "–"])
+    return headers, table
+
+
+def plot_memory(results: dict, path: Path) -> bool:
+    """Decode speed against peak RSS, one line per drafter from the unconstrained plan down
+    to the smallest budget; False without matplotlib or budgets."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    if not results.get("memory"):
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in results["memory"]:
+        lines.setdefault(r["config"].split("@")[0], []).append(
+            (r["peak_rss"] / 1e6, r["tokens_per_s"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, points in lines.items():
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("peak RSS of the process, MB")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{results['meta']['model']}: speed under a memory budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot(results: dict, path: Path) -> bool:
@@ -194,7 +252,9 @@ def write(results: dict, out: Path, console: Console) -> None:
     (out / "summary.md").write_text(markdown(results))
     if not plot(results, out / "speedup.png"):
         console.print("no plot: matplotlib is not installed (pip install -e '.\\[bench]')")
-    console.print(f"results in {out}/: results.json, summary.md, speedup.png")
+    plot_memory(results, out / "memory.png")
+    console.print(f"results in {out}/: results.json, summary.md, speedup.png"
+                  + (", memory.png" if results.get("memory") else ""))
 
 
 def docs_page(docs: Path, result_dirs: list[Path]) -> str:
@@ -212,6 +272,9 @@ def docs_page(docs: Path, result_dirs: list[Path]) -> str:
         image = f"benchmarks-{d.name}.png"
         if (d / "speedup.png").exists():
             shutil.copyfile(d / "speedup.png", docs.parent / image)
+        if (d / "memory.png").exists():
+            run["meta"]["memory_png"] = f"benchmarks-{d.name}-memory.png"
+            shutil.copyfile(d / "memory.png", docs.parent / run["meta"]["memory_png"])
         lines += [f"## {run['meta']['model']}", "", f"`{run['meta']['command']}`", "",
                   f"![speed-up per category]({image})", "", markdown(run)]
     return "\n".join(lines)

@@ -75,15 +75,12 @@ class ChatSession:
                 f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB")
 
     def _fit(self) -> None:
-        """Drop the oldest exchanges (never the system prompt or this question) until the
-        conversation and the answer's room fit the context."""
-        limit = self.engine.backend.n_ctx - self.max_tokens
-        while len(self.turns) > 1 and len(self._tokens()) > limit:
-            del self.turns[:2]
-            self._say("(the oldest exchange was dropped to fit the context)")
-
-    def _tokens(self) -> list[int]:
-        return self.engine.tokenize(self.engine.render_chat([*self.system, *self.turns]))
+        """Forget the exchanges the engine would drop to fit the context, and say so."""
+        kept = self.engine.fit_conversation([*self.system, *self.turns], self.max_tokens)
+        dropped = len(self.system) + len(self.turns) - len(kept)
+        if dropped:
+            del self.turns[:dropped]
+            self._say(f"(the oldest {dropped} messages were dropped to fit the context)")
 
     def _say(self, text: str) -> None:
         self.out.write(text + "\n")

@@ -6,17 +6,21 @@ error is one line on stderr and exit code 2; Ctrl-C stops cleanly with exit code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from edgespec.api import Engine, GenerationResult, load
 from edgespec.drafting import DRAFTERS
 from edgespec.errors import Cancelled, UserError
-from edgespec.models import default_model_path
+from edgespec.memory import Plan, parse_size
+from edgespec.models import default_model_path, path_exists
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="On-device LLM generation, faster through lossless speculative decoding.")
@@ -31,6 +35,9 @@ TreeOpt = Annotated[int | None, typer.Option("--tree-size", help="Most tree node
 BackendOpt = Annotated[str, typer.Option("--backend",
                                          help="auto|llamacpp|onnx|openvino|reference.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="CPU|GPU|NPU|AUTO.")]
+BudgetOpt = Annotated[str | None, typer.Option(
+    "--memory-budget", help="Peak memory to stay under: 400MB, 1.5GiB (KB/MB/GB are powers "
+    "of 10, KiB/MiB/GiB of 2) or bytes.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -48,7 +55,7 @@ def _split_positionals(
         if model is not None:
             raise UserError("give the model either positionally or with -m, not both")
         return Path(first), second
-    looks_like_model = first.lower().endswith(MODEL_SUFFIXES) or Path(first).exists()
+    looks_like_model = first.lower().endswith(MODEL_SUFFIXES) or path_exists(first)
     if model is None and looks_like_model:
         return Path(first), None
     return model, first
@@ -132,6 +139,9 @@ def run(
     chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Chat template.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics line.")] = False,
+    memory_budget: BudgetOpt = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Print the memory plan before generating.")] = False,
 ) -> None:
     """Generate a completion (a chat reply for chat models, unless --raw)."""
     try:
@@ -140,11 +150,22 @@ def run(
             raise UserError("give the prompt either positionally or with -p, not both")
         text = _read_prompt(positional_prompt if prompt is None else prompt, file)
         _check_numbers(max_tokens=max_tokens, tree_size=tree_size, threads=threads, temp=temp)
-        with load(model_path, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
-                  tree_size=tree_size, device=device) as engine:
+        if explain and memory_budget is None:
+            raise UserError("--explain shows a memory plan: give --memory-budget too")
+        options = dict(backend=backend, draft=draft, threads=threads, ctx=ctx_size,
+                       tree_size=tree_size, device=device, memory_budget=memory_budget,
+                       min_ctx=max_tokens + 1)
+        with contextlib.ExitStack() as stack:
+            engine = stack.enter_context(load(model_path, **options))
             use_chat = chat if chat is not None else bool(engine.backend.tokenizer.chat_template)
             if use_chat:
                 text = engine.render_chat([{"role": "user", "content": text}])
+            needed = len(engine.tokenize(text)) + max_tokens
+            if engine.plan is not None and engine.plan.ctx < needed:
+                stack.close()  # the plan must hold this prompt: plan again for its length
+                engine = stack.enter_context(load(model_path, **{**options, "min_ctx": needed}))
+            if explain:
+                Console(stderr=True).print(plan_table(engine.plan))
             result = _stream(engine, text, quiet, json_out, max_tokens=max_tokens,
                              temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
                              stop=stop or ())
@@ -221,6 +242,22 @@ def export_cmd(
         raise _fail("interrupted; nothing was written", 130) from None
 
 
+def plan_table(plan: Plan) -> Table:
+    """The memory plan as ``--explain`` prints it: component, bytes, why."""
+    table = Table(title=f"memory plan for a budget of {plan.budget / 1e6:,.0f} MB")
+    table.add_column("component")
+    table.add_column("MB", justify="right")
+    table.add_column("why")
+    for c in plan.components:
+        table.add_row(c.name, f"{c.bytes / 1e6:,.1f}", c.why)
+    table.add_row("[b]total (peak)[/b]", f"[b]{plan.total / 1e6:,.1f}[/b]",
+                  f"context {plan.ctx:,} tokens, trees of {plan.max_tree_nodes} nodes, "
+                  f"drafter {plan.draft}")
+    table.caption = (f"least budget that runs: {plan.minimum / 1e6:,.0f} MB; "
+                     f"that still speculates: {plan.speculation_minimum / 1e6:,.0f} MB")
+    return table
+
+
 def _check_numbers(**values: float | None) -> None:
     """Reject negative counts and sizes before anything is loaded."""
     for name, value in values.items():
@@ -254,6 +291,9 @@ def bench(
     profile: Annotated[str, typer.Option(
         "--profile", help="Speculate with the saved device profile (saved), a start-up probe "
         "(probe, label <draft>+probe) or both.")] = "saved",
+    memory_budget: Annotated[str | None, typer.Option(
+        "--memory-budget", help="Budgets a,b,… : each adds every draft under that budget "
+        "(label <draft>@<budget>), with peak RSS and speed in a memory table.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.")] = Path("bench-out"),
 ) -> None:
     """edgespec's drafters and peer engines, interleaved in one run, per prompt category."""
@@ -262,6 +302,9 @@ def bench(
     try:
         _check_numbers(max_tokens=max_tokens, tree_size=tree_size, threads=threads,
                        repeat=repeat)
+        budgets = [b.strip() for b in memory_budget.split(",")] if memory_budget else []
+        for b in budgets:
+            parse_size(b)  # a bad one is refused now, not in a worker
         if profile not in ("saved", "probe", "both"):
             raise UserError(f"--profile must be saved, probe or both (got {profile!r})")
         options = BenchOptions(
@@ -269,6 +312,7 @@ def bench(
             categories=categories.split(",") if categories else None, limit=limit,
             repeat=repeat, threads=threads, ctx=ctx_size, tree_size=tree_size,
             backends=backend.split(","), peers=peers, profile=profile, out=out,
+            budgets=budgets,
         )
         run_bench(options)
     except UserError as e:
@@ -321,7 +365,7 @@ def profile(
 
     from edgespec.models import resolve_model
     from edgespec.profile_cli import installed_backends, plot_curves, run_profile, show
-    from runtimes.llamacpp import default_threads
+    from runtimes.base import default_threads
 
     try:
         path = resolve_model(_one_model(first, model))

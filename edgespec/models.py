@@ -66,14 +66,23 @@ PACKAGED: dict[str, Callable[[], Path]] = {
 }
 
 
+def path_exists(path: str | Path) -> bool:
+    """Whether ``path`` names something on disk; text that cannot be a path (too long, a
+    NUL byte), such as a prompt, is not one."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_model(path: str | Path | None) -> Path:
     """The model file to load: ``path`` if given (checked to exist), a packaged model's short
     name, else the default."""
     if path is None:
         return default_model_path()
     p = Path(path).expanduser()
-    if not p.exists() and str(path) in PACKAGED:
+    if not path_exists(p) and str(path) in PACKAGED:
         return PACKAGED[str(path)]()
-    if not p.exists():
-        raise UserError(f"model not found: {p}")
+    if not path_exists(p):
+        raise UserError(f"model not found: {str(p)[:200]}")
     return p  # a directory (an export, an HF folder) is the backend's to judge

@@ -168,7 +168,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, report: Progress = no_progre
         import llama_cpp as llm
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise UserError("GGUF export needs llama-cpp-python; install edgespec[gguf]") from e
-    from runtimes.llamacpp import default_threads, log_capture
+    from runtimes.base import default_threads
+    from runtimes.llamacpp import log_capture
 
     log = log_capture()
     params = llm.llama_model_quantize_default_params()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgespec.errors import UserError
-from runtimes.base import Backend, MemoryReport, TokenizerInfo
+from runtimes.base import Backend, MemoryReport, Sizing, TokenizerInfo
 
 # backend name → (module, class); a new engine is one module plus one line here
 BACKENDS = {
@@ -52,15 +53,25 @@ def _by_manifest(directory: Path) -> str:
     return _BY_FORMAT[fmt]
 
 
-def open_backend(path: Path, backend: str = "auto", **options) -> Backend:
-    """Load ``path`` with the chosen engine; ``options`` go to the backend's constructor."""
-    name = backend_for(path, backend)
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name`` (a key of :data:`BACKENDS`), imported on first use."""
     module_name, class_name = BACKENDS[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"the {name} backend is not available here: {e}") from None
-    return getattr(module, class_name)(path, **options)
+    return getattr(module, class_name)
 
 
-__all__ = ["BACKENDS", "Backend", "MemoryReport", "TokenizerInfo", "backend_for", "open_backend"]
+def open_backend(path: Path, backend: str = "auto", **options) -> Backend:
+    """Load ``path`` with the chosen engine; ``options`` go to the backend's constructor."""
+    return backend_class(backend_for(path, backend))(path, **options)
+
+
+def estimate_memory(path: Path, backend: str, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+    """What :func:`open_backend` with each sizing would allocate, without allocating it."""
+    return backend_class(backend_for(path, backend)).estimate_memory(path, sizings)
+
+
+__all__ = ["BACKENDS", "Backend", "MemoryReport", "Sizing", "TokenizerInfo", "backend_class",
+           "backend_for", "estimate_memory", "open_backend"]

@@ -8,9 +8,11 @@ this one small surface. The loop never sees engine details: it hands over a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,9 +29,20 @@ def require_cpu(device: str | None, engine: str) -> None:
                         "use --backend onnx or openvino for other devices")
 
 
+def default_threads() -> int:
+    """Physical cores, as llama.cpp picks them: hyper-threads slow small matmuls down."""
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class MemoryReport:
-    """Bytes a backend holds, split the way the memory planner budgets them."""
+    """Bytes a backend has allocated, split the way the memory planner budgets them; the
+    same on every backend. ``weights``: the model's tensors (mapped file pages included:
+    every one is read each step). ``kv_cache``: the cache as allocated, every row whether
+    used or not. ``scratch``: what one step needs beyond that and reuses every step —
+    compute, tree KV and logits buffers."""
 
     weights: int
     kv_cache: int
@@ -38,6 +51,15 @@ class MemoryReport:
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.scratch
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The load options memory depends on: context, the largest tree, the prefill batch."""
+
+    n_ctx: int
+    max_tree_nodes: int
+    prefill_chunk: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,7 @@ class Backend(Protocol):
     tokenizer: TokenizerInfo
     threads: int | None
     """CPU threads the engine computes with (None: the engine's own default)."""
-    build: str
+    build: ClassVar[str]
     """The engine and its version: a saved device profile holds for this build only."""
     prefill_chunk: int
     """The most tokens one :meth:`prefill` evaluates as a batch. The decode loop prefills a
@@ -100,7 +122,12 @@ class Backend(Protocol):
         OpenVINO sessions), which keeps its count."""
 
     def memory(self) -> MemoryReport:
-        """What this backend holds now."""
+        """What this backend has allocated now."""
+
+    @classmethod
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+        """What loading ``path`` with each sizing would allocate, without allocating it (the
+        memory planner's input; many at once, since reading the model is the slow part)."""
 
     def close(self) -> None:
         """Free the engine's native memory."""

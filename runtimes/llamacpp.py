@@ -11,9 +11,9 @@ so rejected nodes never stay in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
-from runtimes.base import MemoryReport, TokenizerInfo, require_cpu
+from runtimes.base import MemoryReport, Sizing, TokenizerInfo, default_threads, require_cpu
 from runtimes.ggufinfo import GGUFInfo, read_gguf
 
 try:
@@ -41,20 +41,32 @@ class _LogCapture:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.sizes: list[str] = []  # every buffer-size line since clear(): the debug lines
+        # of a context's graph would push them out of the last 200
         self._callback = llm.llama_log_callback(self._log)
         llm.llama_log_set(self._callback, ctypes.c_void_p(0))
 
     def _log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        self.lines.append(text.decode("utf-8", errors="replace"))
+        line = text.decode("utf-8", errors="replace")
+        self.lines.append(line)
         del self.lines[:-200]
+        if " MiB" in line:
+            self.sizes.append(line)
+
+    def clear(self) -> None:
+        self.lines.clear()
+        self.sizes.clear()
 
     def last_error(self) -> str:
         errors = [line.strip() for line in self.lines if "error" in line.lower()]
         return errors[-1] if errors else ""
 
-    def compute_buffer_bytes(self) -> int:
-        sizes = [line.split("=")[-1].split()[0] for line in self.lines
-                 if "compute buffer size" in line]
+    def buffer_bytes(self, kind: str) -> int:
+        """Bytes of the buffers llama.cpp logged since :meth:`clear`: ``output`` or
+        ``compute`` (``<kind> buffer size = N MiB``), or ``KV`` (``llama_kv_cache: size =
+        N MiB``, which a dry run logs too)."""
+        key = "kv_cache: size =" if kind == "KV" else f"{kind} buffer size ="
+        sizes = [line.split(key)[1].split()[0] for line in self.sizes if key in line]
         return int(sum(float(s) for s in sizes) * 2**20)
 
 
@@ -63,17 +75,11 @@ def log_capture() -> _LogCapture:
     return _LogCapture()
 
 
-def default_threads() -> int:
-    """Physical cores, as llama.cpp picks them (hyper-threads slow matmuls down)."""
-    import psutil
-
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-
-
 class LlamaCppBackend:
     """The :class:`~runtimes.base.Backend` protocol on llama.cpp."""
 
     name = "llamacpp"
+    build = f"llama-cpp-python {llm.__version__}" if llm else "llama-cpp-python (missing)"
 
     def __init__(
         self,
@@ -90,13 +96,15 @@ class LlamaCppBackend:
         require_cpu(device, "llama.cpp")
         self.info: GGUFInfo = read_gguf(path)
         self._log = log_capture()
-        self._log.lines.clear()
+        self._log.clear()
         self.threads = threads or default_threads()
-        self.build = f"llama-cpp-python {llm.__version__}"
         self.max_tree_nodes = max_tree_nodes
-        self._model = self._load_model(Path(path))
+        before = _heap_in_use()
+        self._model = _load_model(Path(path), self._log)
+        tables = _heap_in_use() - before  # the tensors are mapped, not allocated
         capacity = max(prefill_chunk, max_tree_nodes)  # tokens per llama_decode: a chunk or a tree
-        self._ctx = self._new_context(n_ctx, capacity)
+        self._ctx = _new_context(self._model, self._log, n_ctx=n_ctx, n_batch=capacity,
+                                 n_seq=max_tree_nodes, threads=self.threads)
         self._vocab = llm.llama_model_get_vocab(self._model)
         self._mem = llm.llama_get_memory(self._ctx)
         self.vocab_size = llm.llama_vocab_n_tokens(self._vocab)
@@ -104,7 +112,7 @@ class LlamaCppBackend:
         # caller's context size stays the limit so that errors name the number it gave
         self.n_ctx = min(n_ctx, llm.llama_n_ctx(self._ctx))
         self.prefill_chunk = min(prefill_chunk, llm.llama_n_batch(self._ctx))
-        self._compute_bytes = self._log.compute_buffer_bytes()
+        self._memory = _logged_memory(self._model, self._log, tables)
         self.n_past = 0
         self._batch = llm.llama_batch_init(capacity, 0, max_tree_nodes)
         self._batch_arrays = _batch_arrays(self._batch, capacity)
@@ -114,40 +122,31 @@ class LlamaCppBackend:
         self._pending: tuple[TokenTree, list[int], int] | None = None
         self.tokenizer = self._tokenizer_info()
 
-    # -- loading -------------------------------------------------------------------------
-
-    def _load_model(self, path: Path) -> llm.llama_model_p:
-        params = llm.llama_model_default_params()
-        # repacked weights (Q4_0/Q4_K/IQ4_NL on x86) use a gemm kernel for batches and a
-        # gemv kernel for one token, with another summation order: trees would diverge
-        params.use_extra_bufts = False
-        model = llm.llama_model_load_from_file(str(path).encode(), params)
-        if not model:
-            detail = self._log.last_error() or "llama.cpp could not load it"
-            raise UserError(f"cannot load {path}: {detail}")
-        return model
-
-    def _new_context(self, n_ctx: int, n_batch: int) -> llm.llama_context_p:
-        params = llm.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = self.max_tree_nodes
-        params.kv_unified = True  # branches share the context's cells instead of copies
-        params.n_threads = params.n_threads_batch = self.threads
-        # flash attention evaluates a batch with another summation order than one token
-        params.flash_attn_type = llm.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        # sliding-window layers (Gemma 3) otherwise keep a ring buffer of window + batch
-        # cells, so cells stop being in position order and attention sums in another order
-        params.swa_full = True
-        params.no_perf = True
-        ctx = llm.llama_init_from_model(self._model, params)
-        if not ctx:
-            llm.llama_model_free(self._model)
-            raise UserError(
-                f"llama.cpp could not create a context of {n_ctx} tokens "
-                f"({self._log.last_error() or 'out of memory?'}); try a smaller -c/--ctx-size"
-            )
-        return ctx
+    @classmethod
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+        """What loading ``path`` with each sizing would allocate, as llama.cpp itself sizes
+        it: one dry-run model (``no_alloc``: metadata only) and a dry-run context per sizing."""
+        if llm is None:
+            raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
+        read_gguf(path)  # llama.cpp never sees a file the validator refuses
+        log = log_capture()
+        log.clear()
+        before = _heap_in_use()
+        model = _load_model(Path(path), log, no_alloc=True)
+        tables = _heap_in_use() - before  # vocabulary and metadata: all a dry run allocates
+        reports = []
+        try:
+            for sizing in sizings:
+                log.clear()
+                ctx = _new_context(model, log, n_ctx=sizing.n_ctx, n_seq=sizing.max_tree_nodes,
+                                   n_batch=max(sizing.prefill_chunk, sizing.max_tree_nodes),
+                                   threads=1)
+                llm.llama_free(ctx)
+                reports.append(_logged_memory(model, log, tables))
+        finally:
+            llm.llama_model_free(model)
+            release_heap()
+        return reports
 
     def _tokenizer_info(self) -> TokenizerInfo:
         v = self._vocab
@@ -250,11 +249,7 @@ class LlamaCppBackend:
         return True
 
     def memory(self) -> MemoryReport:
-        return MemoryReport(
-            weights=int(llm.llama_model_size(self._model)),
-            kv_cache=self.n_ctx * self.info.kv_bytes_per_token(),
-            scratch=self._compute_bytes + 4 * self.vocab_size * self.max_tree_nodes,
-        )
+        return self._memory
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
@@ -317,6 +312,84 @@ class LlamaCppBackend:
         if view is None:
             view = self._logits_views[n] = np.ctypeslib.as_array(ptr, shape=(n, self.vocab_size))
         return view
+
+
+def _load_model(path: Path, log: _LogCapture, *, no_alloc: bool = False) -> llm.llama_model_p:
+    params = llm.llama_model_default_params()
+    # repacked weights (Q4_0/Q4_K/IQ4_NL on x86) use a gemm kernel for batches and a
+    # gemv kernel for one token, with another summation order: trees would diverge
+    params.use_extra_bufts = False
+    params.no_alloc = no_alloc
+    if no_alloc:  # llama.cpp asserts that a dry run maps nothing
+        params.load_mode = llm.LLAMA_LOAD_MODE_NONE
+    model = llm.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        detail = log.last_error() or "llama.cpp could not load it"
+        raise UserError(f"cannot load {path}: {detail}")
+    return model
+
+
+def _new_context(model: llm.llama_model_p, log: _LogCapture, *, n_ctx: int, n_batch: int,
+                 n_seq: int, threads: int) -> llm.llama_context_p:
+    """A context whose batches hold ``n_batch`` tokens in up to ``n_seq`` branches; frees
+    ``model`` if llama.cpp refuses."""
+    params = llm.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = n_seq
+    params.kv_unified = True  # branches share the context's cells instead of copies
+    params.n_threads = params.n_threads_batch = threads
+    # flash attention evaluates a batch with another summation order than one token
+    params.flash_attn_type = llm.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    # sliding-window layers (Gemma 3) otherwise keep a ring buffer of window + batch
+    # cells, so cells stop being in position order and attention sums in another order
+    params.swa_full = True
+    params.no_perf = True
+    ctx = llm.llama_init_from_model(model, params)
+    if not ctx:
+        llm.llama_model_free(model)
+        raise UserError(
+            f"llama.cpp could not create a context of {n_ctx} tokens "
+            f"({log.last_error() or 'out of memory?'}); try a smaller -c/--ctx-size"
+        )
+    return ctx
+
+
+def _logged_memory(model: llm.llama_model_p, log: _LogCapture, tables: int) -> MemoryReport:
+    """The memory contract from what llama.cpp logged creating a context: the tensors and
+    the model's host ``tables`` (vocabulary, metadata; measured), its KV buffers, and its
+    compute and output (logits) buffers as scratch."""
+    return MemoryReport(weights=int(llm.llama_model_size(model)) + tables,
+                        kv_cache=log.buffer_bytes("KV"),
+                        scratch=log.buffer_bytes("compute") + log.buffer_bytes("output"))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2): the same for the
+    same allocations whatever the heap held before, unlike RSS; the process's RSS where
+    the C library cannot say."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def release_heap() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise): a dry run's tables would
+    stay in the process's RSS, and the memory planner measures the process after one."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to give back
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _batch_arrays(batch: llm.llama_batch, capacity: int) -> tuple[np.ndarray, ...]:

@@ -40,7 +40,8 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import onnx as spec
-from runtimes.slots import SlotBackend, default_threads, require_inputs
+from runtimes.base import default_threads
+from runtimes.slots import SlotBackend, require_inputs
 
 try:
     import onnxruntime as ort
@@ -123,6 +124,7 @@ class OnnxBackend(SlotBackend):
     name, KIND, SUFFIX, SLOT_AXIS = "onnx", "ONNX", ".onnx", 2
     MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MANIFEST
     FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
+    build = f"onnxruntime {ort.__version__}" if ort else "onnxruntime (missing)"
 
     def __init__(
         self,
@@ -154,7 +156,6 @@ class OnnxBackend(SlotBackend):
                             f"{', '.join(present)}")
         self.dir, model_file = self._resolve(Path(path), export_dir)
         self.threads = threads or default_threads()
-        self.build = f"onnxruntime {ort.__version__}"
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self.batch_invariant = batch_invariant
         session = _session(model_file, self.threads, provider)

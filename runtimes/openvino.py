@@ -66,7 +66,8 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import openvino as spec
-from runtimes.slots import SlotBackend, default_threads, require_inputs
+from runtimes.base import default_threads
+from runtimes.slots import SlotBackend, require_inputs
 
 try:
     import openvino as ov
@@ -189,6 +190,7 @@ class OpenVinoBackend(SlotBackend):
     name, KIND, SUFFIX, SLOT_AXIS = "openvino", "OpenVINO", ".xml", 2
     MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MODEL_FILE
     FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
+    build = f"openvino {ov.get_version()}" if ov else "openvino (missing)"
 
     def __init__(
         self,
@@ -227,7 +229,6 @@ class OpenVinoBackend(SlotBackend):
         present = _check_device(device, self._core.available_devices)
         self.dir, self._model_file = self._resolve(Path(path), export_dir)
         self.threads = threads or default_threads()
-        self.build = f"openvino {ov.get_version()}"
         self._config = {"PERFORMANCE_HINT": "LATENCY"} | _device_config(
             device, present, self.threads, precision) | (properties or {})
         self.device, self.kv_precision = device, kv_precision

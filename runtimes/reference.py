@@ -26,7 +26,7 @@ import numpy as np
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from runtimes import reference_ops as ops
-from runtimes.base import MemoryReport, TokenizerInfo, require_cpu
+from runtimes.base import MemoryReport, Sizing, TokenizerInfo, require_cpu
 from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_tokenizer
 from runtimes.weights import (
     DEFAULT_BUDGET_BYTES,
@@ -189,11 +189,15 @@ class ReferenceBackend:
         self.n_past, self._pending = n_past, None
 
     def memory(self) -> MemoryReport:
-        per_token = 2 * self.cfg.n_layer * self.cfg.n_head_kv * self.cfg.head_dim * 4
-        allocated = sum(a.nbytes for a in self._k + self._v)
         pending = self._pending.nbytes if self._pending is not None else 0
-        used = per_token * self.n_past
-        return MemoryReport(self.weights.nbytes, used, allocated - used + pending)
+        return MemoryReport(self.weights.nbytes, sum(a.nbytes for a in self._k + self._v),
+                            pending)
+
+    @classmethod
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+        """Not planned: the reference is the test oracle, its cache grows as it fills."""
+        raise UserError("memory budgets are planned for the llamacpp backend; the reference "
+                        "backend has none (use --backend llamacpp)")
 
     def close(self) -> None:
         """Drop the arrays; numpy frees them when the last reference goes."""

@@ -12,7 +12,6 @@ how a graph is opened and run on the buffers, and how the buffers are laid out.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,15 +25,8 @@ import numpy as np
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from exporters.onnx import manifest_version
-from runtimes.base import MemoryReport
+from runtimes.base import MemoryReport, Sizing
 from runtimes.reference_tokenizer import hf_tokenizer
-
-
-def default_threads() -> int:
-    """Physical cores: hyper-threads slow small matmuls down more than they help."""
-    import psutil
-
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
 def export_on_the_fly(src: Path, export_dir: str | Path | None,
@@ -314,8 +306,14 @@ class SlotBackend:
     # -- resources ----------------------------------------------------------------------------
 
     def memory(self) -> MemoryReport:
-        used = self._row_bytes * self.n_past
-        return MemoryReport(self._weight_bytes(), used, self._row_bytes * self.capacity - used)
+        return MemoryReport(self._weight_bytes(), self._row_bytes * self.capacity,
+                            4 * self.vocab_size * self.max_tree_nodes)
+
+    @classmethod
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+        """Not planned yet: the runtime's own arenas are not sized from the export."""
+        raise UserError(f"memory budgets are planned for the llamacpp backend; the {cls.name} "
+                        "backend has none yet (use --backend llamacpp)")
 
     def close(self) -> None:
         """Drop the graphs and buffers; delete an on-the-fly export."""

@@ -19,6 +19,7 @@ from edgespec.bench import (
     Request,
     build_configs,
     divergences,
+    memory_table,
     prepare_requests,
     read_prompts,
     render,
@@ -159,6 +160,29 @@ def test_reports_markdown_plot_and_docs_page(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert (run / "speedup.png").read_bytes()[:4] == b"\x89PNG"
     assert (docs.parent / "benchmarks-run.png").exists()
+
+
+def test_a_memory_budget_gets_its_table_and_plot(tmp_path: Path) -> None:
+    """Budgeted configurations against the same drafter without one: generation memory
+    (peak less the process before loading and the weights), its share, speed ratio."""
+    fused, tight = "edgespec-llamacpp:fused", "edgespec-llamacpp:fused@300MB"
+    rows = [replace(_m(BASELINE, [1, 2, 3, 4, 5], 1.0), peak_rss_bytes=400 * 10**6),
+            replace(_m(fused, [1, 2, 3, 4, 5], 0.5), peak_rss_bytes=400 * 10**6),
+            replace(_m(tight, [1, 2, 3, 4, 5], 0.625), peak_rss_bytes=250 * 10**6)]
+    summary = summarize(rows, [m.config for m in rows])
+    plan = {"budget": 300 * 10**6, "ctx": 768, "tree": 8, "recycling_k": 2, "draft": "fused",
+            "planned": 290 * 10**6}
+    memory = {fused: {"base_rss": 100 * 10**6, "weights": 100 * 10**6, "plan": None},
+              tight: {"base_rss": 100 * 10**6, "weights": 100 * 10**6, "plan": plan}}
+    table = {r["config"]: r for r in memory_table(rows, memory, summary)}
+    assert table[fused]["generation"] == 200 * 10**6 and table[tight]["generation"] == 50 * 10**6
+    assert table[tight]["ratio"] == pytest.approx(0.8) and table[fused]["ratio"] == 1.0
+    headers, lines = bench_report.memory_rows({"memory": list(table.values())})
+    assert lines[1][:7] == [tight, "768", "8", "2", "250", "50.0", "25%"]
+    pytest.importorskip("matplotlib")
+    results = {"meta": {"model": "m.gguf"}, "memory": list(table.values())}
+    assert bench_report.plot_memory(results, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_gemma_is_assembled_from_its_chunk_packages_and_runs() -> None:

@@ -38,6 +38,16 @@ def test_positional_model_and_prompt_stream_text_and_summary(smollm_path: Path) 
     assert "tok/s" in r.stderr and "draft=none" in r.stderr
 
 
+def test_a_long_positional_prompt_is_a_prompt_not_a_path(smollm_path: Path) -> None:
+    """Text too long to be a file name (the OS says ENAMETOOLONG) is the prompt."""
+    long = "Summarize: the quick brown fox jumps over the lazy dog. " * 8
+    for args in (("-m", str(smollm_path), long), (long,)):
+        r = edgespec("run", *args, "-n", "2", "-q")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = edgespec("run", "-m", "x" * 5000, "hi")
+    assert r.returncode == 2 and "model not found" in r.stderr and len(r.stderr) < 400
+
+
 def test_prompt_from_stdin_and_raw_completion() -> None:
     r = edgespec("run", "--raw", "-n", "8", "--quiet", stdin="The capital of France is")
     assert r.returncode == 0, r.stderr

@@ -173,7 +173,8 @@ def test_memory_report_counts_the_cached_context(fresh: ReferenceBackend) -> Non
     cfg = fresh.cfg
     fresh.prefill(PROMPT)
     report = fresh.memory()
-    assert report.kv_cache == len(PROMPT) * 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * 4
+    per_token = 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * 4
+    assert report.kv_cache >= len(PROMPT) * per_token and report.kv_cache % per_token == 0
     assert report.weights == fresh.weights.nbytes > fresh.weights.embed.nbytes
     assert report.scratch >= 0
 

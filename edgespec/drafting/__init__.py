@@ -11,16 +11,17 @@ from edgespec.errors import UserError
 DRAFTERS = ("fused", "lookup", "recycling", "none")
 
 
-def make_drafter(name: str, vocab_size: int) -> Drafter | None:
-    """The drafter called ``name``; ``none`` means plain decoding (no drafter at all)."""
+def make_drafter(name: str, vocab_size: int, *, recycling_k: int = 4) -> Drafter | None:
+    """The drafter called ``name``; ``none`` means plain decoding (no drafter at all).
+    ``recycling_k``: Token Recycling's successors per token (its table is vocab × k)."""
     if name == "none":
         return None
     if name == "lookup":
         return PromptLookupDrafter()
     if name == "recycling":
-        return TokenRecyclingDrafter(vocab_size)
+        return TokenRecyclingDrafter(vocab_size, recycling_k)
     if name == "fused":
-        return FusedDrafter([PromptLookupDrafter(), TokenRecyclingDrafter(vocab_size)])
+        return FusedDrafter([PromptLookupDrafter(), TokenRecyclingDrafter(vocab_size, recycling_k)])
     raise UserError(f"unknown draft method {name!r}; choose one of: {', '.join(DRAFTERS)}")
 
 

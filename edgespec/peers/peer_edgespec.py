@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from importlib.metadata import version as package_version
 
+import psutil
+
 import edgespec
 
 
@@ -23,9 +25,21 @@ def version() -> str:
 
 class Peer:
     def __init__(self, model: str, threads: int | None, stop_ids: list[int], *, backend: str,
-                 draft: str, ctx: int, tree_size: int | None, saved_profile: bool) -> None:
+                 draft: str, ctx: int, tree_size: int | None, saved_profile: bool,
+                 memory_budget: str | None = None, min_ctx: int = 512) -> None:
+        self.base_rss = psutil.Process().memory_info().rss  # before the model: the process
         self.engine = edgespec.load(model, backend=backend, draft=draft, threads=threads,
-                                    ctx=ctx, tree_size=tree_size, saved_profile=saved_profile)
+                                    ctx=ctx, tree_size=tree_size, saved_profile=saved_profile,
+                                    memory_budget=memory_budget, min_ctx=min_ctx)
+
+    def memory(self) -> dict:
+        """What the process held before loading, the weights, and the plan if budgeted."""
+        plan = self.engine.plan
+        return {"base_rss": self.base_rss, "weights": self.engine.backend.memory().weights,
+                "plan": None if plan is None else {
+                    "budget": plan.budget, "ctx": plan.ctx, "tree": plan.max_tree_nodes,
+                    "recycling_k": plan.recycling_k, "draft": plan.draft,
+                    "planned": plan.total}}
 
     def verify_cost(self, sizes: list[int], context: int) -> dict:
         """Seconds of verifying each of ``sizes`` tokens after ``context`` cached ones."""

@@ -1,0 +1,226 @@
+"""The memory planner: under a budget on the process's peak memory, the fastest configuration.
+
+Edge apps are killed, not slowed, when they go over, so ``--memory-budget`` is a promise
+about peak RSS, not a hint. Everything a generation allocates is planned before anything
+is loaded (SpecMemo's point: speculation's memory is model-able, and rejected candidates
+need none of their own): the process as it stands, the weights, the KV cache, the
+engine's compute and logits buffers (sized for the largest tree, reused every step), the
+loop's copies of a tree's logits and the drafter's tables. The estimates come from each
+backend (:func:`runtimes.estimate_memory`), which reads the model's header only.
+
+What is given up, in order, keeps the most speed: first context beyond what the caller
+needs (a smaller cache is, if anything, faster), then tree nodes no verify could pay for
+on this device (from its saved profile) or no exact verify allows, then tree size, then
+the recycling table, and last speculation itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psutil
+
+import runtimes
+from edgespec.errors import UserError
+from edgespec.profiler import BackendProfile
+from runtimes.base import MemoryReport, Sizing
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+TREE_SIZES = (64, 32, 16, 8, 4, 2)  # the largest trees the plan may give the engine
+PREFILL_CHUNKS = (64, 32, 16)  # tokens per prefill call, most first
+RECYCLING_K = (4, 2)  # Token Recycling's successors per token, most first
+CTX_STEP = 256  # llama.cpp pads contexts to this; plans move in these steps
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``400MB``, ``1.5GiB`` or ``300000000``: KB/MB/GB powers of 10, KiB/MiB/GiB of 2."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise UserError(f"memory budget {text!r} is not a size; write e.g. 400MB, 1.5GiB "
+                            "or a number of bytes (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UserError(f"the memory budget must be positive (got {text!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class Component:
+    """One line of a plan: what holds memory, how much, and why that much."""
+
+    name: str
+    bytes: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The knobs a budget sets, and the memory they add up to."""
+
+    budget: int
+    ctx: int
+    max_tree_nodes: int  # 1: plain decoding (no drafter)
+    prefill_chunk: int  # tokens per prefill call: the engine's batch buffers scale with it
+    recycling_k: int  # 0: no recycling table
+    draft: str
+    components: tuple[Component, ...]
+    minimum: int  # the least budget that runs the model at all (plain, smallest context)
+    speculation_minimum: int  # the least budget at which a drafted tree still fits
+
+    @property
+    def total(self) -> int:
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def backend_options(self) -> dict:
+        """What :func:`runtimes.open_backend` takes from the plan."""
+        return {"n_ctx": self.ctx, "max_tree_nodes": self.max_tree_nodes,
+                "prefill_chunk": self.prefill_chunk}
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One configuration the planner may choose, before its context is fitted."""
+
+    nodes: int
+    chunk: int
+    k: int
+    draft: str
+
+
+def useful_tree_size(profile: BackendProfile | None) -> int:
+    """The largest tree worth room: one the engine verifies bit-exactly and that could beat
+    plain decoding (n nodes yield at most n tokens, so c(n) ≥ n·c(1) never pays)."""
+    if profile is None:
+        return TREE_SIZES[0]
+    cost = profile.curve()
+    paying = [n for n in cost if n == 1 or cost[n] < n * cost[1]]
+    return max(1, min(profile.exact, max(paying)))
+
+
+def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ctx: int,
+         tree_size: int, profile: BackendProfile | None = None,
+         baseline: int | None = None) -> Plan:
+    """The fastest configuration of ``model`` on ``backend`` whose peak RSS stays within
+    ``budget``: context between ``min_ctx`` and ``ctx`` tokens, trees of at most
+    ``tree_size`` nodes. ``baseline``: the process's memory before loading (now, if None).
+    A budget that cannot hold the model is refused, naming the least that can.
+
+    The engine's own part comes from the backend's estimate at the smallest and the
+    largest context; in between it is interpolated (its buffers grow linearly or, where
+    attention scores dominate, convexly with the context, so the chord never underestimates)
+    and the choice is then estimated exactly.
+    """
+    from runtimes.ggufinfo import read_gguf  # gguf-py is heavy to import; plans are rare
+
+    vocab = len(read_gguf(model).tokens)
+    runtimes.backend_class(backend)  # the engine's libraries count in the process below
+    low, high = _round_ctx(min(min_ctx, ctx)), _round_ctx(ctx)
+    options = _options(draft, min(tree_size, useful_tree_size(profile)))
+    sizings = sorted({Sizing(c, o.nodes, o.chunk) for o in options for c in (low, high)},
+                     key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk))
+    reports = runtimes.estimate_memory(model, backend, sizings)
+    weights = reports[0].weights  # the host tables in it are measured: once, for every plan
+    engine = {z: weights + r.kv_cache + r.scratch for z, r in zip(sizings, reports)}
+    baseline = psutil.Process().memory_info().rss if baseline is None else baseline
+
+    def cost(o: _Option, n_ctx: int, engine_bytes: int | None = None) -> int:
+        if engine_bytes is None:
+            lo, hi = engine[Sizing(low, o.nodes, o.chunk)], engine[Sizing(high, o.nodes, o.chunk)]
+            engine_bytes = lo + (hi - lo) * (n_ctx - low) // max(high - low, 1)
+        known = baseline + engine_bytes + _loop_bytes(o.nodes, vocab) + _drafter_bytes(o.k, vocab)
+        return known + _headroom(known)
+
+    minimum = cost(options[-1], low)
+    trees = [o for o in options if o.nodes > 1]
+    speculation_minimum = min((cost(o, low) for o in trees), default=minimum)
+    for option in options:
+        fitted = [c for c in range(high, low - 1, -CTX_STEP) if cost(option, c) <= budget]
+        for n_ctx in fitted[:3]:  # the chord bounds the exact cost; check it
+            report = replace(runtimes.estimate_memory(
+                model, backend, [Sizing(n_ctx, option.nodes, option.chunk)])[0], weights=weights)
+            if cost(option, n_ctx, report.total) <= budget:
+                used = min(ctx, n_ctx)
+                return Plan(budget, used, option.nodes, option.chunk, option.k, option.draft,
+                            _components(baseline, report, used, option, vocab),
+                            minimum, speculation_minimum)
+    raise UserError(f"a memory budget of {_mb(budget)} cannot hold {model.name} with a "
+                    f"{low}-token context on {backend}; the least is {_mb(minimum)}"
+                    " (--memory-budget)")
+
+
+def _options(draft: str, cap: int) -> list[_Option]:
+    """From fastest to leanest, giving up first what costs decode speed least: the prefill
+    batch (only the first token waits longer), then the recycling table, then tree size;
+    plain decoding last."""
+    options = []
+    drafters = {"fused": [(k, "fused") for k in RECYCLING_K] + [(0, "lookup")],
+                "recycling": [(k, "recycling") for k in RECYCLING_K],
+                "lookup": [(0, "lookup")]}.get(draft, [])
+    for nodes in (n for n in TREE_SIZES if n <= cap):
+        for k, name in drafters:
+            options += [_Option(nodes, chunk, k, name) for chunk in _chunks(nodes)]
+    return [*options, *(_Option(1, chunk, 0, "none") for chunk in PREFILL_CHUNKS)]
+
+
+def _chunks(nodes: int) -> list[int]:
+    """Prefill batches worth trying with trees of ``nodes``: the engine's batch buffers hold
+    the larger of the two, so a batch below the tree size saves nothing."""
+    return [c for c in PREFILL_CHUNKS if c >= nodes] or [nodes]
+
+
+def _round_ctx(n: int) -> int:
+    return max(CTX_STEP, -(-n // CTX_STEP) * CTX_STEP)
+
+
+def _headroom(known: int) -> int:
+    """What no estimate covers: allocator slack, thread stacks, the Python objects of a
+    generation, the command line's own output (12 MB and 3% of the rest)."""
+    return 12 * 10**6 + 3 * known // 100
+
+
+def _loop_bytes(nodes: int, vocab: int) -> int:
+    """The loop's copies of one tree's logits (the verified rows, then their softmax)."""
+    return 2 * nodes * vocab * 4 if nodes > 1 else 2 * vocab * 4
+
+
+def _drafter_bytes(k: int, vocab: int) -> int:
+    """Token Recycling's table (vocab × k int32); prompt lookup indexes the context only."""
+    return k * vocab * 4
+
+
+def _components(baseline: int, est: MemoryReport, ctx: int, option: _Option,
+                vocab: int) -> tuple[Component, ...]:
+    parts = [Component("process", baseline, "the interpreter and libraries, measured now"),
+             Component("weights", est.weights,
+                       "the model's tensors and the engine's vocabulary and metadata"),
+             Component("KV cache", est.kv_cache, f"{ctx:,} tokens of context"),
+             Component("engine scratch", est.scratch,
+                       f"compute and logits buffers for steps of {option.nodes} tokens and "
+                       f"prefill calls of {option.chunk}, reused"),
+             Component("tree logits (loop)", _loop_bytes(option.nodes, vocab),
+                       f"the verified rows of a {option.nodes}-token step, and their "
+                       "probabilities")]
+    if option.k:
+        parts.append(Component("recycling table", _drafter_bytes(option.k, vocab),
+                               f"{vocab:,} tokens × {option.k} successors"))
+    parts.append(Component("headroom", _headroom(sum(p.bytes for p in parts)),
+                           "allocator slack, thread stacks, a generation's Python objects"))
+    parts.append(Component("drafter", 0, {"none": "none: plain decoding",
+                                          "lookup": "prompt lookup: indexes the context"}
+                           .get(option.draft, option.draft)))
+    return tuple(parts)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+__all__ = ["Component", "Plan", "parse_size", "plan", "useful_tree_size"]

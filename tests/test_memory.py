@@ -1,0 +1,213 @@
+"""The memory budget: sizes, the one memory contract, estimates before loading, plans, and
+generation under a budget measured as the child process's peak RSS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import edgespec
+from edgespec.errors import UserError
+from edgespec.memory import parse_size, plan
+from edgespec.models import resolve_model
+from runtimes.base import Sizing
+from runtimes.llamacpp import LlamaCppBackend
+
+MB = 10**6
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("400MB", 400 * MB), ("400 mb", 400 * MB), ("1.5GiB", 3 * 2**29), ("64KiB", 65536),
+    ("2GB", 2 * 10**9), ("300000000", 300_000_000), ("12B", 12), (5000, 5000)])
+def test_sizes_read_as_written(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MB", "12 parsecs", "-5MB", "0", "1e9", "4.5.6GB"])
+def test_a_size_that_is_not_one_is_refused_in_one_line(text: str) -> None:
+    with pytest.raises(UserError) as e:
+        parse_size(text)
+    assert "\n" not in str(e.value) and ("400MB" in str(e.value) or "positive" in str(e.value))
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_the_estimate_is_what_loading_allocates(model: str) -> None:
+    """llama.cpp sizes the buffers without allocating them (no_alloc); loading then
+    allocates exactly that, and reports it through the same contract."""
+    path = resolve_model(model)
+    sizings = [Sizing(300, 4, 16), Sizing(2048, 16, 64)]
+    for sizing, estimate in zip(sizings, LlamaCppBackend.estimate_memory(path, sizings)):
+        backend = LlamaCppBackend(path, n_ctx=sizing.n_ctx, max_tree_nodes=sizing.max_tree_nodes,
+                                  prefill_chunk=sizing.prefill_chunk, threads=1)
+        try:
+            live = backend.memory()
+        finally:
+            backend.close()
+        assert (live.kv_cache, live.scratch) == (estimate.kv_cache, estimate.scratch)
+        # tensors + the heap the model's load took; the process's first load of a model
+        # also sets up what llama.cpp keeps once (~2 MB)
+        assert abs(live.weights - estimate.weights) <= 4 * MB
+        assert estimate.kv_cache > 0 and estimate.scratch > 0
+        assert estimate.weights > 0.9 * path.stat().st_size
+
+
+def test_the_contract_matches_the_resident_memory_it_claims() -> None:
+    """RSS grows by what memory() reports, give or take the allocator: measured in a
+    fresh process, around a load and a generation that touches every weight."""
+    out = _python(f"""
+        import psutil, edgespec
+        before = psutil.Process().memory_info().rss
+        with edgespec.load({str(resolve_model("smollm2-135m"))!r}, ctx=4096, threads=1) as e:
+            e.generate("Say hello.", max_tokens=8)
+            after = psutil.Process().memory_info().rss
+            print(after - before, e.backend.memory().total)
+    """)
+    grown, reported = map(int, out.split())
+    assert abs(grown - reported) < 0.1 * reported + 25 * MB, (grown, reported)
+
+
+def test_plans_give_up_context_first_and_speculation_last(smollm_path: Path) -> None:
+    def planned(budget: int):
+        return plan(budget, smollm_path, "llamacpp", draft="fused", ctx=4096, min_ctx=512,
+                    tree_size=16, baseline=100 * MB)
+
+    planned(10**10)  # the first plan in a process also measures llama.cpp's one-time setup
+    roomy = planned(10**10)
+    assert (roomy.ctx, roomy.max_tree_nodes, roomy.recycling_k, roomy.draft) == (
+        4096, 16, 4, "fused")
+    assert roomy.minimum < roomy.speculation_minimum < roomy.total <= roomy.budget
+    previous = roomy
+    for budget in range(roomy.total - MB, roomy.minimum + MB, -8 * MB):
+        p = planned(budget)
+        assert p.total <= budget and p.ctx >= 512
+        assert (p.max_tree_nodes, p.ctx) <= (previous.max_tree_nodes, previous.ctx)
+        previous = p
+    assert previous.ctx == 512  # context went first
+    # (the host tables are measured per plan: boundaries hold to a megabyte)
+    assert planned(roomy.speculation_minimum + MB).max_tree_nodes > 1
+    with pytest.raises(UserError, match="the least is 2[0-9][0-9] MB"):
+        planned(roomy.minimum - 2 * MB)
+
+
+def test_a_plan_keeps_only_trees_the_profile_says_can_pay(smollm_path: Path) -> None:
+    from edgespec.profiler import BackendProfile
+
+    exact_at_six = BackendProfile(backend="llamacpp", build="b", threads=1, exact=6,
+                                  cost={300: {1: 0.01, 2: 0.011, 4: 0.013, 8: 0.02, 16: 0.04}})
+    p = plan(10**10, smollm_path, "llamacpp", draft="fused", ctx=2048, min_ctx=512,
+             tree_size=16, profile=exact_at_six, baseline=0)
+    assert p.max_tree_nodes == 4  # the largest planned size within the 6 verified exactly
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_generation_stays_under_the_budget(model: str, tmp_path: Path) -> None:
+    """The promise, measured: the child's peak RSS (ru_maxrss) under a tight budget, and
+    the output of plain decoding in the same budget (a plan never changes the text)."""
+    path = resolve_model(model)
+    floor = plan(10**10, path, "llamacpp", draft="fused", ctx=1024, min_ctx=512,
+                 tree_size=16).minimum
+    budget = floor + 40 * MB
+    texts = []
+    for draft in ("fused", "none"):
+        code, out, err, peak = _run_peak(
+            ["run", str(path), "Write a haiku about rain.", "-n", "48", "--memory-budget",
+             str(budget), "--draft", draft, "--json", "-q", "-c", "1024"], tmp_path)
+        assert code == 0, err
+        assert peak <= budget, (draft, peak / MB, budget / MB)
+        texts.append(out)
+    assert _tokens(texts[0]) == _tokens(texts[1])
+
+
+def test_a_budget_below_the_minimum_is_refused_naming_it(smollm_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "edgespec", "run", str(smollm_path), "hi",
+                        "--memory-budget", "50MB"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "the least is" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for bad, message in (("lots", "not a size"), ("0", "positive")):
+        r = subprocess.run([sys.executable, "-m", "edgespec", "run", str(smollm_path), "hi",
+                            "--memory-budget", bad], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_explain_prints_the_plan_before_generating(smollm_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "edgespec", "run", str(smollm_path), "hi",
+                        "-n", "4", "--memory-budget", "1GB", "--explain"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    for part in ("memory plan", "weights", "KV cache", "engine scratch", "recycling table",
+                 "least budget"):
+        assert part in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgespec", "run", str(smollm_path), "hi",
+                        "--explain"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--memory-budget" in r.stderr
+
+
+def test_the_api_takes_a_budget(smollm_path: Path) -> None:
+    with edgespec.load(smollm_path, memory_budget="2GB", ctx=2048) as engine:
+        assert engine.plan is not None and engine.plan.ctx == 2048
+        assert engine.backend.max_tree_nodes == engine.plan.max_tree_nodes
+        assert engine.generate("Hello", max_tokens=4).token_ids
+
+
+def _python(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+# runs ``python -m edgespec`` and writes the process's VmHWM at exit: ru_maxrss from wait4
+# would carry the forking parent's peak across exec
+PEAK_WRAPPER = """
+import atexit, re, runpy, sys
+report = sys.argv.pop(1)
+def write_peak():
+    status = open("/proc/self/status").read()
+    open(report, "w").write(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+atexit.register(write_peak)
+runpy.run_module("edgespec", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_peak(args: list[str], tmp: Path) -> tuple[int, str, str, int]:
+    """Exit code, stdout, stderr and peak RSS in bytes of ``edgespec ARGS`` in a child."""
+    report = tmp / "peak"
+    r = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, str(report), *args],
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr, int(report.read_text()) * 1024
+
+
+def _tokens(json_line: str) -> list[int]:
+    import json
+
+    return json.loads(json_line)["token_ids"]
+
+
+def test_a_twenty_turn_conversation_outgrows_the_context_and_goes_on(smollm_path: Path) -> None:
+    """engine.chat across calls, under a budget: each overflow drops the oldest exchanges
+    (the system prompt stays) and re-prefills; the reply is then a fresh engine's reply
+    to the kept conversation, token for token."""
+    system = {"role": "system", "content": "You are a terse assistant."}
+    topics = ["zero", "rain", "tea", "maps", "glass", "bees", "salt", "ice", "wind", "clay"]
+    messages, overflows, kept_before = [system], 0, 1
+    with edgespec.load(smollm_path, ctx=512, memory_budget="2GB", min_ctx=256) as engine:
+        assert engine.plan.ctx == 512
+        for turn in range(20):
+            messages.append({"role": "user", "content": f"Say something about {topics[turn % 10]}, "
+                             "in two sentences, and why it matters to people."})
+            kept = engine.fit_conversation(messages, max_tokens=48)
+            overflows += len(kept) < kept_before + 1
+            assert kept[0] == system and kept[-1] == messages[-1]
+            reply = engine.chat(messages, max_tokens=48)
+            messages.append({"role": "assistant", "content": reply.text})
+            kept_before = len(kept) + 1
+        last_prompt = engine.render_chat(kept)
+    assert overflows >= 2
+    with edgespec.load(smollm_path, ctx=512, draft="none") as fresh:
+        assert fresh.generate(last_prompt, max_tokens=48).token_ids == reply.token_ids
