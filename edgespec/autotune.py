@@ -19,48 +19,60 @@ OUTLIER = 2.0  # a verify time beyond this factor of the estimate is a stall, no
 
 
 class CostCurve:
-    """Seconds per verify call of n tokens: a measured probe, refined by every real step."""
+    """Seconds per verify call of n tokens: c(n) = scale × shape(n).
+
+    The scale, what one token costs now, is learned from plain steps; the shape, c(n) /
+    c(1), from speculative ones, but not from a step that ran 2× off its estimate
+    (``OUTLIER``): when another process takes the cores every step slows, by up to 100×
+    with llama.cpp's spinning threads, and learning that as the cost of speculation made
+    trees look dear for good (the policy stops verifying them, so nothing measured them
+    again). A slowdown of the machine moves the scale, which plain steps bring back.
+    """
 
     def __init__(self, probe: Mapping[int, float], smoothing: float = 0.1) -> None:
         if 1 not in probe:
             raise ValueError("a cost curve needs the cost of one token")
         self._sizes = sorted(probe)
-        self._cost = {n: float(probe[n]) for n in self._sizes}
+        self._scale = float(probe[1])
+        self._shape = {n: float(probe[n]) / self._scale for n in self._sizes}
         self._smoothing = smoothing
 
     def __call__(self, n: int) -> float:
         """Cost of verifying ``n`` tokens, interpolated between measured sizes."""
-        sizes = self._sizes
-        if n in self._cost:
-            return self._cost[n]
+        return self._scale * self._shape_at(n)
+
+    def _shape_at(self, n: int) -> float:
+        sizes, shape = self._sizes, self._shape
+        if n in shape:
+            return shape[n]
         i = bisect.bisect_left(sizes, n)
         if i == len(sizes):
             lo, hi = sizes[-2:] if len(sizes) > 1 else (sizes[-1], sizes[-1])
         else:
             lo, hi = sizes[max(i - 1, 0)], sizes[i]
         if lo == hi:
-            return self._cost[lo] * n / lo
-        slope = (self._cost[hi] - self._cost[lo]) / (hi - lo)
-        return self._cost[lo] + slope * (n - lo)
+            return shape[lo] * n / lo
+        return shape[lo] + (shape[hi] - shape[lo]) / (hi - lo) * (n - lo)
 
     def update(self, n: int, seconds: float) -> None:
         """Blend a measured step into the curve (sizes never seen are added as measured).
 
-        A sample is first held within a factor ``OUTLIER`` of the current estimate: one
-        stalled call (another process took the cores; llama.cpp's spinning threads make
-        that 100× a step) would otherwise make one token look as dear as a tree for tens
-        of steps, and the policy would verify drafts that cannot pay. A lasting change still
-        arrives, a tenth of the way per step.
+        A sample is first held within a factor ``OUTLIER`` of the current estimate, so one
+        stalled call moves the scale as a 2× step would; a lasting change still arrives, a
+        tenth of the way per step.
         """
-        if n not in self._cost:
-            self._cost[n] = self(n)
+        if n not in self._shape:
+            self._shape[n] = self._shape_at(n)
             bisect.insort(self._sizes, n)
-        current = self._cost[n]
-        seconds = min(max(seconds, current / OUTLIER), current * OUTLIER)
-        self._cost[n] += self._smoothing * (seconds - current)
+        expected = self(n)
+        held = min(max(seconds, expected / OUTLIER), expected * OUTLIER)
+        if n == 1:
+            self._scale += self._smoothing * (held - self._scale)
+        elif held == seconds:
+            self._shape[n] += self._smoothing * (held / self._scale - self._shape[n])
 
     def as_dict(self) -> dict[int, float]:
-        return dict(self._cost)
+        return {n: self._scale * s for n, s in self._shape.items()}
 
 
 class Calibration:

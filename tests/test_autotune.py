@@ -118,3 +118,20 @@ def test_entry_score_is_high_on_a_steep_curve_and_low_on_a_flat_one() -> None:
     steep = SpeculationPolicy(CostCurve(STEEP), max_nodes=16).entry_score()
     flat = SpeculationPolicy(CostCurve(FLAT), max_nodes=16).entry_score()
     assert 0.3 < steep < 0.8 and flat < 0.1
+
+
+def test_a_long_stall_is_taken_for_the_machine_not_for_speculation() -> None:
+    """Thirty steps 20x slow (another process took the cores), speculative ones among them,
+    then plain steps at the old speed: the curve's shape is what it was, so trees that paid
+    before pay again, though no tree is verified after the stall to re-measure it."""
+    c = CostCurve(FLAT)
+    for step in range(30):
+        n = 4 if step % 3 else 1
+        c.update(n, 20 * FLAT[n])
+    assert c(1) > 2 * FLAT[1]  # the machine is slow now, all sizes alike
+    for _ in range(100):  # a second and a half of plain steps
+        c.update(1, FLAT[1])
+    assert c(1) == pytest.approx(FLAT[1], rel=0.05)
+    assert c(4) / c(1) == pytest.approx(FLAT[4] / FLAT[1], rel=0.05)
+    policy = SpeculationPolicy(c, max_nodes=16)
+    assert len(policy.select(_chain([0.6, 0.5, 0.4]))) > 1
