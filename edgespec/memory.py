@@ -5,13 +5,15 @@ about peak RSS, not a hint. Everything a generation allocates is planned before 
 is loaded (SpecMemo's point: speculation's memory is model-able, and rejected candidates
 need none of their own): the process as it stands, the weights, the KV cache, the
 engine's compute and logits buffers (sized for the largest tree, reused every step), the
-loop's copies of a tree's logits and the drafter's tables. The estimates come from each
-backend (:func:`runtimes.estimate_memory`), which reads the model's header only.
+loop's copies of a tree's logits and the drafter's tables. The engine's part comes from
+the backend (:func:`runtimes.estimate_memory`: llama.cpp sizes its buffers in a dry run
+that allocates none of them).
 
-What is given up, in order, keeps the most speed: first context beyond what the caller
-needs (a smaller cache is, if anything, faster), then tree nodes no verify could pay for
-on this device (from its saved profile) or no exact verify allows, then tree size, then
-the recycling table, and last speculation itself.
+What is given up, in order, keeps the most decode speed: tree nodes no verify could pay
+for on this device or none verifies exactly (from its saved profile) are never planned;
+then context beyond what the caller needs (a smaller cache is, if anything, faster), the
+prefill batch (only the first token waits longer), the recycling table, tree size, and
+last speculation itself.
 """
 
 from __future__ import annotations
@@ -120,13 +122,13 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     """
     from runtimes.ggufinfo import read_gguf  # gguf-py is heavy to import; plans are rare
 
-    vocab = len(read_gguf(model).tokens)
-    runtimes.backend_class(backend)  # the engine's libraries count in the process below
     low, high = _round_ctx(min(min_ctx, ctx)), _round_ctx(ctx)
     options = _options(draft, min(tree_size, useful_tree_size(profile)))
     sizings = sorted({Sizing(c, o.nodes, o.chunk) for o in options for c in (low, high)},
                      key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk))
+    # first: a backend that cannot plan says so; its libraries count in the process below
     reports = runtimes.estimate_memory(model, backend, sizings)
+    vocab = len(read_gguf(model).tokens)
     weights = reports[0].weights  # the host tables in it are measured: once, for every plan
     engine = {z: weights + r.kv_cache + r.scratch for z, r in zip(sizings, reports)}
     baseline = psutil.Process().memory_info().rss if baseline is None else baseline

@@ -94,7 +94,9 @@ class LlamaCppBackend:
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
         require_cpu(device, "llama.cpp")
+        header = _rss()
         self.info: GGUFInfo = read_gguf(path)
+        parsed = max(0, _rss() - header)  # the header as Python objects: Gemma's 262k tokens
         self._log = log_capture()
         self._log.clear()
         self.threads = threads or default_threads()
@@ -112,7 +114,7 @@ class LlamaCppBackend:
         # caller's context size stays the limit so that errors name the number it gave
         self.n_ctx = min(n_ctx, llm.llama_n_ctx(self._ctx))
         self.prefill_chunk = min(prefill_chunk, llm.llama_n_batch(self._ctx))
-        self._memory = _logged_memory(self._model, self._log, tables)
+        self._memory = _logged_memory(self._model, self._log, parsed + tables)
         self.n_past = 0
         self._batch = llm.llama_batch_init(capacity, 0, max_tree_nodes)
         self._batch_arrays = _batch_arrays(self._batch, capacity)
@@ -128,7 +130,10 @@ class LlamaCppBackend:
         it: one dry-run model (``no_alloc``: metadata only) and a dry-run context per sizing."""
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
-        read_gguf(path)  # llama.cpp never sees a file the validator refuses
+        header = _rss()
+        info = read_gguf(path)  # llama.cpp never sees a file the validator refuses
+        parsed = max(0, _rss() - header)  # a backend keeps it (``info``) while it lives
+        del info
         log = log_capture()
         log.clear()
         before = _heap_in_use()
@@ -142,7 +147,7 @@ class LlamaCppBackend:
                                    n_batch=max(sizing.prefill_chunk, sizing.max_tree_nodes),
                                    threads=1)
                 llm.llama_free(ctx)
-                reports.append(_logged_memory(model, log, tables))
+                reports.append(_logged_memory(model, log, parsed + tables))
         finally:
             llm.llama_model_free(model)
             release_heap()
@@ -357,11 +362,18 @@ def _new_context(model: llm.llama_model_p, log: _LogCapture, *, n_ctx: int, n_ba
 
 def _logged_memory(model: llm.llama_model_p, log: _LogCapture, tables: int) -> MemoryReport:
     """The memory contract from what llama.cpp logged creating a context: the tensors and
-    the model's host ``tables`` (vocabulary, metadata; measured), its KV buffers, and its
-    compute and output (logits) buffers as scratch."""
+    the model's host ``tables`` (measured: llama.cpp's vocabulary and metadata, and the
+    header as the validator parsed it), its KV buffers, and its compute and output
+    (logits) buffers as scratch."""
     return MemoryReport(weights=int(llm.llama_model_size(model)) + tables,
                         kv_cache=log.buffer_bytes("KV"),
                         scratch=log.buffer_bytes("compute") + log.buffer_bytes("output"))
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 class _MallInfo2(ctypes.Structure):

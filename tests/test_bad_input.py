@@ -85,7 +85,8 @@ def test_prompt_longer_than_context() -> None:
 
 @pytest.mark.parametrize("args", [
     ("--tree-size", "0"), ("--tree-size", "-4"), ("-n", "-1"), ("--threads", "0"),
-    ("-c", "-5"), ("--draft", "telepathy"),
+    ("-c", "-5"), ("--draft", "telepathy"), ("--memory-budget", "lots"),
+    ("--memory-budget", "-3GB"), ("--memory-budget", "10MB"), ("--explain", "--raw"),
 ])
 def test_bad_numbers_and_names(args: tuple[str, str]) -> None:
     assert_user_error(edgespec("run", "-p", "hi", *args))

