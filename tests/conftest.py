@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from tests.slot_engines import SLOT_ENGINES
 from tests.tinymodel import TinyConfig, write_tiny_llama
 
 DEV_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "prompts" / "dev.jsonl"
+
+
+def pytest_configure() -> None:
+    """Children get Ctrl-C as a terminal gives it. A runner started in the background by a
+    non-interactive shell ignores SIGINT, every child inherits that, and the tests that
+    press Ctrl-C would see it ignored; a handler, unlike SIG_IGN, is reset by exec."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
