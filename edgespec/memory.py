@@ -6,8 +6,9 @@ is loaded (SpecMemo's point: speculation's memory is model-able, and rejected ca
 need none of their own): the process as it stands, the weights, the KV cache, the
 engine's compute and logits buffers (sized for the largest tree, reused every step), the
 loop's copies of a tree's logits and the drafter's tables. The engine's part comes from
-the backend (:func:`runtimes.estimate_memory`: llama.cpp sizes its buffers in a dry run
-that allocates none of them).
+the backend (:func:`runtimes.estimate_memory`): llama.cpp sizes its buffers in a dry run
+that allocates none of them; ONNX Runtime and OpenVINO, which size theirs inside the
+runtime, are measured once in a child process (:mod:`runtimes.footprint`).
 
 What is given up, in order, keeps the most decode speed: tree nodes no verify could pay
 for on this device or none verifies exactly (from its saved profile) are never planned;
@@ -120,15 +121,13 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     attention scores dominate, convexly with the context, so the chord never underestimates)
     and the choice is then estimated exactly.
     """
-    from runtimes.ggufinfo import read_gguf  # gguf-py is heavy to import; plans are rare
-
     low, high = _round_ctx(min(min_ctx, ctx)), _round_ctx(ctx)
     options = _options(draft, min(tree_size, useful_tree_size(profile)))
     sizings = sorted({Sizing(c, o.nodes, o.chunk) for o in options for c in (low, high)},
                      key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk))
     # first: a backend that cannot plan says so; its libraries count in the process below
     reports = runtimes.estimate_memory(model, backend, sizings)
-    vocab = len(read_gguf(model).tokens)
+    vocab = runtimes.model_vocab_size(model, backend)
     weights = reports[0].weights  # the host tables in it are measured: once, for every plan
     engine = {z: weights + r.kv_cache + r.scratch for z, r in zip(sizings, reports)}
     baseline = psutil.Process().memory_info().rss if baseline is None else baseline
@@ -202,11 +201,13 @@ def _components(baseline: int, est: MemoryReport, ctx: int, option: _Option,
                 vocab: int) -> tuple[Component, ...]:
     parts = [Component("process", baseline, "the interpreter and libraries, measured now"),
              Component("weights", est.weights,
-                       "the model's tensors and the engine's vocabulary and metadata"),
+                       "the model's tensors as the engine holds them, its vocabulary and "
+                       "metadata"),
              Component("KV cache", est.kv_cache, f"{ctx:,} tokens of context"),
              Component("engine scratch", est.scratch,
-                       f"compute and logits buffers for steps of {option.nodes} tokens and "
-                       f"prefill calls of {option.chunk}, reused"),
+                       f"compute and logits buffers (and a compiled copy for trees, on "
+                       f"OpenVINO) for steps of {option.nodes} tokens and prefill calls of "
+                       f"{option.chunk}, reused"),
              Component("tree logits (loop)", _loop_bytes(option.nodes, vocab),
                        f"the verified rows of a {option.nodes}-token step, and their "
                        "probabilities")]

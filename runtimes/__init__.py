@@ -73,5 +73,10 @@ def estimate_memory(path: Path, backend: str, sizings: Sequence[Sizing]) -> list
     return backend_class(backend_for(path, backend)).estimate_memory(path, sizings)
 
 
+def model_vocab_size(path: Path, backend: str) -> int:
+    """Rows of the logits ``path`` gives on ``backend``, without loading it."""
+    return backend_class(backend_for(path, backend)).model_vocab_size(path)
+
+
 __all__ = ["BACKENDS", "Backend", "MemoryReport", "Sizing", "TokenizerInfo", "backend_class",
-           "backend_for", "estimate_memory", "open_backend"]
+           "backend_for", "estimate_memory", "model_vocab_size", "open_backend"]

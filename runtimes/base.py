@@ -36,6 +36,13 @@ def default_threads() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
+def rss() -> int:
+    """This process's resident set now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 @dataclass(frozen=True)
 class MemoryReport:
     """Bytes a backend has allocated, split the way the memory planner budgets them; the
@@ -128,6 +135,10 @@ class Backend(Protocol):
     def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
         """What loading ``path`` with each sizing would allocate, without allocating it (the
         memory planner's input; many at once, since reading the model is the slow part)."""
+
+    @classmethod
+    def model_vocab_size(cls, path: str | Path) -> int:
+        """Rows of the logits ``path`` gives, from its header or manifest (loads nothing)."""
 
     def close(self) -> None:
         """Free the engine's native memory."""

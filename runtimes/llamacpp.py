@@ -21,7 +21,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
-from runtimes.base import MemoryReport, Sizing, TokenizerInfo, default_threads, require_cpu
+from runtimes.base import MemoryReport, Sizing, TokenizerInfo, default_threads, require_cpu, rss
 from runtimes.ggufinfo import GGUFInfo, read_gguf
 
 try:
@@ -94,9 +94,9 @@ class LlamaCppBackend:
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
         require_cpu(device, "llama.cpp")
-        header = _rss()
+        header = rss()
         self.info: GGUFInfo = read_gguf(path)
-        parsed = max(0, _rss() - header)  # the header as Python objects: Gemma's 262k tokens
+        parsed = max(0, rss() - header)  # the header as Python objects: Gemma's 262k tokens
         self._log = log_capture()
         self._log.clear()
         self.threads = threads or default_threads()
@@ -130,9 +130,9 @@ class LlamaCppBackend:
         it: one dry-run model (``no_alloc``: metadata only) and a dry-run context per sizing."""
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
-        header = _rss()
+        header = rss()
         info = read_gguf(path)  # llama.cpp never sees a file the validator refuses
-        parsed = max(0, _rss() - header)  # a backend keeps it (``info``) while it lives
+        parsed = max(0, rss() - header)  # a backend keeps it (``info``) while it lives
         del info
         log = log_capture()
         log.clear()
@@ -152,6 +152,10 @@ class LlamaCppBackend:
             llm.llama_model_free(model)
             release_heap()
         return reports
+
+    @classmethod
+    def model_vocab_size(cls, path: str | Path) -> int:
+        return len(read_gguf(path).tokens)
 
     def _tokenizer_info(self) -> TokenizerInfo:
         v = self._vocab
@@ -370,12 +374,6 @@ def _logged_memory(model: llm.llama_model_p, log: _LogCapture, tables: int) -> M
                         scratch=log.buffer_bytes("compute") + log.buffer_bytes("output"))
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -389,9 +387,7 @@ def _heap_in_use() -> int:
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
-        import psutil
-
-        return psutil.Process().memory_info().rss
+        return rss()
     mallinfo2.restype = _MallInfo2
     info = mallinfo2()
     return info.uordblks + info.hblkhd

@@ -40,7 +40,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import onnx as spec
-from runtimes.base import default_threads
+from runtimes.base import default_threads, rss
 from runtimes.slots import SlotBackend, require_inputs
 
 try:
@@ -155,6 +155,7 @@ class OnnxBackend(SlotBackend):
             raise UserError(f"execution provider {provider} is not available; present: "
                             f"{', '.join(present)}")
         self.dir, model_file = self._resolve(Path(path), export_dir)
+        before = rss()
         self.threads = threads or default_threads()
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self.batch_invariant = batch_invariant
@@ -162,6 +163,7 @@ class OnnxBackend(SlotBackend):
         self._provider = provider
         self._open_export(self._manifest(), n_ctx)
         self._main = _Graph(session, self._ov_k, self._ov_v, self.vocab_size)
+        self._resident_weights = max(0, rss() - before)  # the session, tokenizer and tables
 
     def _exporter(self) -> Callable[..., Path]:
         from exporters.onnx import export_onnx
@@ -170,7 +172,7 @@ class OnnxBackend(SlotBackend):
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
-        self.capacity = self.n_ctx + 2 * self.max_tree_nodes
+        self.capacity = self._capacity(self.n_ctx, self.max_tree_nodes)
         shape = (1, n_kv, self.capacity, head_dim)
         self._k = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
         self._v = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
@@ -194,9 +196,6 @@ class OnnxBackend(SlotBackend):
         SmolLM2's first half in int8)."""
         return _Graph(_session(path, self.threads, self._provider), self._ov_k, self._ov_v,
                       self.vocab_size)
-
-    def _weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.dir.glob("*.onnx*"))
 
     def close(self) -> None:
         super().close()

@@ -66,7 +66,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import openvino as spec
-from runtimes.base import default_threads
+from runtimes.base import default_threads, rss
 from runtimes.slots import SlotBackend, require_inputs
 
 try:
@@ -228,6 +228,7 @@ class OpenVinoBackend(SlotBackend):
         device = device.upper()
         present = _check_device(device, self._core.available_devices)
         self.dir, self._model_file = self._resolve(Path(path), export_dir)
+        before = rss()
         self.threads = threads or default_threads()
         self._config = {"PERFORMANCE_HINT": "LATENCY"} | _device_config(
             device, present, self.threads, precision) | (properties or {})
@@ -238,6 +239,7 @@ class OpenVinoBackend(SlotBackend):
         self._tree_graph = tree_graph
         self._trees: _Graph | None = None  # the copy trees run on (module docstring)
         self._open_export(self._manifest(), n_ctx)
+        self._resident_weights = max(0, rss() - before)  # the compiled model and tokenizer
 
     def _exporter(self) -> Callable[..., Path]:
         from exporters.openvino import export_openvino
@@ -250,7 +252,7 @@ class OpenVinoBackend(SlotBackend):
         if rows == 1 or not self._tree_graph:
             return self._main
         if self._trees is None:
-            self._trees = self._open_graph(self._model_file)
+            self._trees = self._measured(lambda: self._open_graph(self._model_file))
         return self._trees
 
     def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
@@ -270,17 +272,19 @@ class OpenVinoBackend(SlotBackend):
         model = _read(self._core, path, self.kv_precision)
         return _Graph(self._core.compile_model(model, self.device, self._config))
 
-
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
-        # whole KV_BLOCKs: a call's window, widened to a block edge, always fits
-        self.capacity = _whole_blocks(self.n_ctx + 2 * self.max_tree_nodes)
+        self.capacity = self._capacity(self.n_ctx, self.max_tree_nodes)
         shape = (2, self.n_layer, n_kv, self.capacity, head_dim)
         dtype = KV_PRECISIONS[self.kv_precision]
         self._kv = _lazy_zeros(shape, dtype)  # one array: a call's new rows land in one copy
         self._k = [self._kv[0, i : i + 1] for i in range(self.n_layer)]
         self._v = [self._kv[1, i : i + 1] for i in range(self.n_layer)]
         self._row_bytes = 2 * self.n_layer * n_kv * head_dim * np.dtype(dtype).itemsize
+
+    def _capacity(self, n_ctx: int, max_tree_nodes: int) -> int:
+        """Whole KV_BLOCKs: a call's window, widened to a block edge, always fits."""
+        return _whole_blocks(super()._capacity(n_ctx, max_tree_nodes))
 
     def _key_slots(self, offset: int, rows: int) -> int:
         """The call's keys rounded up to whole ``KV_BLOCK`` blocks (module docstring)."""
@@ -290,11 +294,6 @@ class OpenVinoBackend(SlotBackend):
 
     def _evaluate(self, graph: _Graph, feeds: dict[str, np.ndarray], offset: int) -> np.ndarray:
         return graph.run(feeds, self._kv, offset)
-
-    def _weight_bytes(self) -> int:
-        files = [self._model_file] * (1 + (self._trees is not None))
-        files += [self._exit_files[e] for e in self._exits]
-        return sum(f.with_suffix(".bin").stat().st_size for f in files)
 
     def close(self) -> None:
         self._trees = None

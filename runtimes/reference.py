@@ -27,6 +27,7 @@ from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from runtimes import reference_ops as ops
 from runtimes.base import MemoryReport, Sizing, TokenizerInfo, require_cpu
+from runtimes.ggufinfo import read_gguf
 from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_tokenizer
 from runtimes.weights import (
     DEFAULT_BUDGET_BYTES,
@@ -196,8 +197,12 @@ class ReferenceBackend:
     @classmethod
     def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
         """Not planned: the reference is the test oracle, its cache grows as it fills."""
-        raise UserError("memory budgets are planned for the llamacpp backend; the reference "
-                        "backend has none (use --backend llamacpp)")
+        raise UserError("memory budgets are planned for the llamacpp, onnx and openvino "
+                        "backends; the reference backend has none (use --backend llamacpp)")
+
+    @classmethod
+    def model_vocab_size(cls, path: str | Path) -> int:
+        return len(read_gguf(path).tokens)
 
     def close(self) -> None:
         """Drop the arrays; numpy frees them when the last reference goes."""

@@ -25,7 +25,8 @@ import numpy as np
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from exporters.onnx import manifest_version
-from runtimes.base import MemoryReport, Sizing
+from runtimes import footprint
+from runtimes.base import MemoryReport, Sizing, rss
 from runtimes.reference_tokenizer import hf_tokenizer
 
 
@@ -75,7 +76,9 @@ class SlotBackend:
 
     A subclass sets the export's constants, opens the model and calls :meth:`_open_export`,
     and implements :meth:`_alloc`, :meth:`_evaluate`, :meth:`_open_graph` and
-    :meth:`_weight_bytes` (and :meth:`_pad_call` if its kernels need padded calls).
+    (and :meth:`_pad_call` if its kernels need padded calls). It measures what opening the
+    export made resident (``_resident_weights``); graphs opened later go through
+    :meth:`_measured`.
     """
 
     name: str
@@ -91,6 +94,7 @@ class SlotBackend:
 
     _k: list[np.ndarray]
     _v: list[np.ndarray]
+    _resident_weights: int  # what opening the export and its graphs made resident
 
     # -- engine specifics ----------------------------------------------------------------
 
@@ -99,8 +103,12 @@ class SlotBackend:
         raise NotImplementedError
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
-        """Create ``_k``, ``_v``, ``capacity`` and ``_row_bytes``."""
+        """Create ``_k``, ``_v``, ``capacity`` (:meth:`_capacity`) and ``_row_bytes``."""
         raise NotImplementedError
+
+    def _capacity(self, n_ctx: int, max_tree_nodes: int) -> int:
+        """KV slots for a context: ``n_ctx`` plus room for a tree and a draft after it."""
+        return n_ctx + 2 * max_tree_nodes
 
     def _pad_call(self, tokens: Sequence[int], depth: Sequence[int], visible: np.ndarray,
                   offset: int) -> tuple[Sequence[int], Sequence[int], np.ndarray]:
@@ -126,8 +134,14 @@ class SlotBackend:
         """A runnable early-exit graph from its file."""
         raise NotImplementedError
 
-    def _weight_bytes(self) -> int:
-        raise NotImplementedError
+    def _measured(self, open_graph: Callable[[], Any]) -> Any:
+        """``open_graph()``, counting what it makes resident as weights: a runtime holds
+        its graphs' weights as it chooses (repacked, or both packed and not), so the bytes
+        are measured, not taken from the files."""
+        before = rss()
+        graph = open_graph()
+        self._resident_weights += max(0, rss() - before)
+        return graph
 
     # -- loading -------------------------------------------------------------------------
 
@@ -300,20 +314,39 @@ class SlotBackend:
             raise ValueError(f"no early-exit graph after layer {exit_layer}; this export has "
                              f"{self.exit_layers or 'none'} (export with early_exit=E)")
         if exit_layer not in self._exits:
-            self._exits[exit_layer] = self._open_graph(self._exit_files[exit_layer])
+            self._exits[exit_layer] = self._measured(
+                lambda: self._open_graph(self._exit_files[exit_layer]))
         return self._exits[exit_layer]
 
     # -- resources ----------------------------------------------------------------------------
 
     def memory(self) -> MemoryReport:
-        return MemoryReport(self._weight_bytes(), self._row_bytes * self.capacity,
+        return MemoryReport(self._resident_weights, self.kv_bytes(self.n_ctx, self.max_tree_nodes),
                             4 * self.vocab_size * self.max_tree_nodes)
+
+    def kv_bytes(self, n_ctx: int, max_tree_nodes: int) -> int:
+        """The KV buffers a load with this context and tree size allocates."""
+        return self._row_bytes * self._capacity(n_ctx, max_tree_nodes)
 
     @classmethod
     def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
-        """Not planned yet: the runtime's own arenas are not sized from the export."""
-        raise UserError(f"memory budgets are planned for the llamacpp backend; the {cls.name} "
-                        "backend has none yet (use --backend llamacpp)")
+        """Measured (:mod:`runtimes.footprint`): the runtime sizes its arenas and repacked
+        weights itself, so nothing short of running the export says what it holds."""
+        path = Path(path)
+        if not (path.is_dir() or path.suffix.lower() == cls.SUFFIX):
+            raise UserError(f"a memory budget on the {cls.name} backend needs an export; make "
+                            f"one with `{cls.EXPORT_HINT}` and pass its directory")
+        return footprint.measure(cls.name, cls.build, path, sizings)
+
+    @classmethod
+    def model_vocab_size(cls, path: str | Path) -> int:
+        path = Path(path)
+        manifest = (path if path.is_dir() else path.parent) / cls.MANIFEST
+        try:
+            return int(json.loads(manifest.read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{manifest} is missing or unreadable ({e}); re-export the model "
+                            f"with `{cls.EXPORT_HINT}`") from e
 
     def close(self) -> None:
         """Drop the graphs and buffers; delete an on-the-fly export."""
