@@ -334,7 +334,7 @@ def load(
         min_ctx=min(min_ctx, ctx), tree_size=tree_size, profile=saved)
     options = {"n_ctx": ctx, "threads": threads}
     if plan is not None:
-        options.update(plan.backend_options)
+        options.update(plan.backend_options, **runtimes.backend_class(name).budget_options)
         draft, tree_size = plan.draft, plan.max_tree_nodes
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device

@@ -251,8 +251,9 @@ def plan_table(plan: Plan) -> Table:
     for c in plan.components:
         table.add_row(c.name, f"{c.bytes / 1e6:,.1f}", c.why)
     table.add_row("[b]total (peak)[/b]", f"[b]{plan.total / 1e6:,.1f}[/b]",
-                  f"context {plan.ctx:,} tokens, trees of {plan.max_tree_nodes} nodes, "
-                  f"drafter {plan.draft}")
+                  f"context {plan.ctx:,} tokens, "
+                  + (f"trees of {plan.max_tree_nodes} nodes, drafter {plan.draft}"
+                     if plan.max_tree_nodes > 1 else "plain decoding"))
     table.caption = (f"least budget that runs: {plan.minimum / 1e6:,.0f} MB; "
                      f"that still speculates: {plan.speculation_minimum / 1e6:,.0f} MB")
     return table

@@ -16,6 +16,7 @@ import ctypes
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -80,6 +81,7 @@ class LlamaCppBackend:
 
     name = "llamacpp"
     build = f"llama-cpp-python {llm.__version__}" if llm else "llama-cpp-python (missing)"
+    budget_options: ClassVar[dict] = {}  # its estimate is a dry run of the same load
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import onnx as spec
+from runtimes import base
 from runtimes.base import default_threads, rss
 from runtimes.slots import SlotBackend, require_inputs
 
@@ -137,6 +138,7 @@ class OnnxBackend(SlotBackend):
         prefill_chunk: int = 256,
         export_dir: str | Path | None = None,
         batch_invariant: bool = True,
+        lean_heap: bool = False,
         device: str | None = None,
     ) -> None:
         """Open an edgespec ONNX export (its directory or its ``model.onnx``).
@@ -144,6 +146,8 @@ class OnnxBackend(SlotBackend):
         A GGUF file or HF folder is exported to float32 first, into ``export_dir`` (kept) or
         a temporary directory removed by :meth:`close`; ``edgespec export`` avoids redoing it.
         ``batch_invariant=False`` gives up bit-exact speculation for faster plain steps.
+        ``lean_heap`` takes large buffers straight from the OS (:func:`runtimes.base.lean_heap`:
+        what a memory budget's estimate assumes).
         ``device`` (CPU, GPU, NPU, AUTO) picks the execution provider instead of ``provider``.
         """
         if ort is None:
@@ -159,6 +163,8 @@ class OnnxBackend(SlotBackend):
         self.threads = threads or default_threads()
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self.batch_invariant = batch_invariant
+        if lean_heap:
+            base.lean_heap()
         session = _session(model_file, self.threads, provider)
         self._provider = provider
         self._open_export(self._manifest(), n_ctx)

@@ -66,6 +66,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import openvino as spec
+from runtimes import base
 from runtimes.base import default_threads, rss
 from runtimes.slots import SlotBackend, require_inputs
 
@@ -205,6 +206,7 @@ class OpenVinoBackend(SlotBackend):
         prefill_chunk: int = 256,
         export_dir: str | Path | None = None,
         batch_invariant: bool = True,
+        lean_heap: bool = False,
         tree_graph: bool = True,
         properties: dict | None = None,
     ) -> None:
@@ -217,7 +219,9 @@ class OpenVinoBackend(SlotBackend):
         speculation (no padding; an accepted non-best branch's rows are moved, not
         recomputed). ``tree_graph=False`` verifies trees on the single-token model instead
         of a second compiled copy (less memory, slower speculation: module docstring).
-        ``properties`` go to ``compile_model`` on top of the defaults.
+        ``properties`` go to ``compile_model`` on top of the defaults. ``lean_heap`` takes
+        large buffers straight from the OS (:func:`runtimes.base.lean_heap`: what a memory
+        budget's estimate assumes).
         """
         if ov is None:
             raise UserError("the OpenVINO backend needs openvino; install edgespec[openvino]")
@@ -234,6 +238,8 @@ class OpenVinoBackend(SlotBackend):
             device, present, self.threads, precision) | (properties or {})
         self.device, self.kv_precision = device, kv_precision
         self.batch_invariant = batch_invariant
+        if lean_heap:
+            base.lean_heap()
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
         self._tree_graph = tree_graph

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import ClassVar
 
 import gguf
 import numpy as np
@@ -79,6 +80,7 @@ class ReferenceBackend:
 
     name = "reference"
     build = f"numpy {np.__version__}"
+    budget_options: ClassVar[dict] = {}  # no budget: it has no estimate
     prefill_chunk = 256  # numpy is batch-invariant here: the size only bounds a call's memory
 
     def __init__(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -91,6 +91,9 @@ class SlotBackend:
     FORMAT_VERSION: int  # exports of an older version are refused
     EXPORT_HINT: str
     SLOT_AXIS: int  # the buffers' slot dimension
+    # the estimate walks the context on a lean heap (runtimes.base.lean_heap): without it
+    # the RSS also depends on how the calls came, which no estimate can bound
+    budget_options: ClassVar[dict] = {"lean_heap": True}
 
     _k: list[np.ndarray]
     _v: list[np.ndarray]
