@@ -254,8 +254,11 @@ def plan_table(plan: Plan) -> Table:
                   f"context {plan.ctx:,} tokens, "
                   + (f"trees of {plan.max_tree_nodes} nodes, drafter {plan.draft}"
                      if plan.max_tree_nodes > 1 else "plain decoding"))
-    table.caption = (f"least budget that runs: {plan.minimum / 1e6:,.0f} MB; "
-                     f"that still speculates: {plan.speculation_minimum / 1e6:,.0f} MB")
+    def least(size: int | None) -> str:
+        return f"{size / 1e6:,.0f} MB" if size else "more than this budget"
+
+    table.caption = (f"least budget that runs: {least(plan.minimum)}; "
+                     f"that still speculates: {least(plan.speculation_minimum)}")
     return table
 
 

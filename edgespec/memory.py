@@ -74,8 +74,9 @@ class Plan:
     recycling_k: int  # 0: no recycling table
     draft: str
     components: tuple[Component, ...]
-    minimum: int  # the least budget that runs the model at all (plain, smallest context)
-    speculation_minimum: int  # the least budget at which a drafted tree still fits
+    minimum: int | None  # the least budget that runs the model at all (plain, smallest
+    # context); None where a measurement stopped at this budget: more than it
+    speculation_minimum: int | None  # the least budget at which a drafted tree still fits
 
     @property
     def total(self) -> int:
@@ -125,12 +126,14 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     options = _options(draft, min(tree_size, useful_tree_size(profile)))
     sizings = sorted({Sizing(c, o.nodes, o.chunk) for o in options for c in (low, high)},
                      key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk))
+    baseline = psutil.Process().memory_info().rss if baseline is None else baseline
+    limit = budget - baseline  # what an estimate that runs the engine may hold
     # first: a backend that cannot plan says so; its libraries count in the process below
-    reports = runtimes.estimate_memory(model, backend, sizings)
+    reports = runtimes.estimate_memory(model, backend, sizings, limit)
     vocab = runtimes.model_vocab_size(model, backend)
     weights = reports[0].weights  # the host tables in it are measured: once, for every plan
     engine = {z: weights + r.kv_cache + r.scratch for z, r in zip(sizings, reports)}
-    baseline = psutil.Process().memory_info().rss if baseline is None else baseline
+    over = {z for z, r in zip(sizings, reports) if r.at_least}  # beyond the budget anyway
 
     def cost(o: _Option, n_ctx: int, engine_bytes: int | None = None) -> int:
         if engine_bytes is None:
@@ -139,22 +142,28 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
         known = baseline + engine_bytes + _loop_bytes(o.nodes, vocab) + _drafter_bytes(o.k, vocab)
         return known + _headroom(known)
 
-    minimum = cost(options[-1], low)
-    trees = [o for o in options if o.nodes > 1]
-    speculation_minimum = min((cost(o, low) for o in trees), default=minimum)
+    def least(chosen: list[_Option]) -> int | None:
+        """The least budget for any of ``chosen`` at the smallest context (None: more than
+        this one, as far as a measurement stopped at it can tell)."""
+        known = [cost(o, low) for o in chosen if Sizing(low, o.nodes, o.chunk) not in over]
+        return min(known, default=None)
+
+    minimum = least(options[-1:])
+    speculation_minimum = least([o for o in options if o.nodes > 1])
     for option in options:
         fitted = [c for c in range(high, low - 1, -CTX_STEP) if cost(option, c) <= budget]
-        for n_ctx in fitted[:3]:  # the chord bounds the exact cost; check it
+        for n_ctx in fitted:  # the chord bounds the exact cost where it grows convexly; check
             report = replace(runtimes.estimate_memory(
-                model, backend, [Sizing(n_ctx, option.nodes, option.chunk)])[0], weights=weights)
-            if cost(option, n_ctx, report.total) <= budget:
+                model, backend, [Sizing(n_ctx, option.nodes, option.chunk)], limit)[0],
+                weights=weights)
+            if not report.at_least and cost(option, n_ctx, report.total) <= budget:
                 used = min(ctx, n_ctx)
                 return Plan(budget, used, option.nodes, option.chunk, option.k, option.draft,
                             _components(baseline, report, used, option, vocab),
                             minimum, speculation_minimum)
+    least_text = f"the least is {_mb(minimum)}" if minimum else "it needs more"
     raise UserError(f"a memory budget of {_mb(budget)} cannot hold {model.name} with a "
-                    f"{low}-token context on {backend}; the least is {_mb(minimum)}"
-                    " (--memory-budget)")
+                    f"{low}-token context on {backend}; {least_text} (--memory-budget)")
 
 
 def _options(draft: str, cap: int) -> list[_Option]:

@@ -68,9 +68,11 @@ def open_backend(path: Path, backend: str = "auto", **options) -> Backend:
     return backend_class(backend_for(path, backend))(path, **options)
 
 
-def estimate_memory(path: Path, backend: str, sizings: Sequence[Sizing]) -> list[MemoryReport]:
-    """What :func:`open_backend` with each sizing would allocate, without allocating it."""
-    return backend_class(backend_for(path, backend)).estimate_memory(path, sizings)
+def estimate_memory(path: Path, backend: str, sizings: Sequence[Sizing],
+                    limit: int | None = None) -> list[MemoryReport]:
+    """What :func:`open_backend` with each sizing would allocate, without allocating it (an
+    estimate that runs the engine stays under ``limit`` bytes)."""
+    return backend_class(backend_for(path, backend)).estimate_memory(path, sizings, limit)
 
 
 def model_vocab_size(path: Path, backend: str) -> int:

@@ -69,6 +69,8 @@ class MemoryReport:
     weights: int
     kv_cache: int
     scratch: int
+    at_least: bool = False
+    """True: a measurement stopped at its limit, and this is what it had reached by then."""
 
     @property
     def total(self) -> int:
@@ -149,9 +151,12 @@ class Backend(Protocol):
         """What this backend has allocated now."""
 
     @classmethod
-    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing],
+                        limit: int | None = None) -> list[MemoryReport]:
         """What loading ``path`` with each sizing would allocate, without allocating it (the
-        memory planner's input; many at once, since reading the model is the slow part)."""
+        memory planner's input; many at once, since reading the model is the slow part).
+        An estimate that has to run the engine holds its own memory under ``limit`` bytes,
+        reporting what is beyond it as ``at_least``."""
 
     @classmethod
     def model_vocab_size(cls, path: str | Path) -> int:

@@ -7,7 +7,8 @@ generations do (every KV row written, every call shape made: OpenVINO's CPU plug
 buffers per shape), reading its peak RSS on the way; one walks with plain steps, another
 with trees. The engine runs on a lean heap (:func:`runtimes.base.lean_heap`), as it will
 under the budget: on glibc's default one its RSS also depends on how the calls came. A
-child, because the planning process must not hold what it measures. A walk's prefill
+child, because the planning process must not hold what it measures; it stops once it
+holds more than the budget allows (the rest is over it anyway). A walk's prefill
 chunk and trees are the largest of the sizings it reads, so a reading bounds each of them
 from above.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from edgespec.errors import UserError
 from runtimes.base import Backend, MemoryReport, Sizing, default_threads, rss
 
-VERSION = 5  # bump when what a reading covers changes: older readings are measured again
+VERSION = 6  # bump when what a reading covers changes: older readings are measured again
 BLOCK = 16  # a generation's window grows a token at a time; the walk calls at every 16th
 TREE_STEP = 8  # the walk's trees: one of 8 nodes (OpenVINO's smallest bucket) and the largest
 RECORD = 256  # contexts read on the way (the planner's steps)
@@ -40,36 +41,44 @@ RECORD = 256  # contexts read on the way (the planner's steps)
 Readings = dict[Sizing, MemoryReport]
 
 
-def measure(backend: str, build: str, path: Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+def measure(backend: str, build: str, path: Path, sizings: Sequence[Sizing],
+            limit: int | None = None) -> list[MemoryReport]:
     """What opening ``path`` on ``backend`` with each sizing holds at its peak: read from the
     cache, the rest measured in a child process for plain decoding and one for trees (in
-    one, the trees' readings at a short context would carry the plain walk's longest)."""
+    one, the trees' readings at a short context would carry the plain walk's longest). A
+    child stops where it grows beyond ``limit`` bytes: what it would need beyond is
+    reported ``at_least`` what it had reached."""
     cache = _cache_file(backend, build, path)
     known = _read(cache)
-    missing = [s for s in sizings if _bound(known, s) is None]
+    missing = [s for s in sizings if _bound(known, s, limit) is None]
     if missing:
         print(f"edgespec: measuring what {path.name} needs on {backend}, once for this device "
               "(a minute or two)", file=sys.stderr)
     for trees in (False, True):
         group = [s for s in missing if (s.max_tree_nodes > 1) == trees]
         if group:
-            known |= _run_child(backend, path, group)
+            known |= _run_child(backend, path, group, limit)
             _write(cache, known)
-    return [_bound(known, s) for s in sizings]
+    return [_bound(known, s, limit) for s in sizings]
 
 
-def _bound(known: Readings, s: Sizing) -> MemoryReport | None:
+def _bound(known: Readings, s: Sizing, limit: int | None) -> MemoryReport | None:
     """The leanest reading at ``s``'s context whose tree and prefill chunk are at least as
-    large (both with trees or both without): it bounds ``s`` from above."""
-    covering = [r for k, r in known.items()
-                if k.n_ctx == s.n_ctx and k.prefill_chunk >= s.prefill_chunk
-                and k.max_tree_nodes >= s.max_tree_nodes
-                and (k.max_tree_nodes > 1) == (s.max_tree_nodes > 1)]
-    return min(covering, key=lambda r: r.total, default=None)
+    large (both with trees or both without): it bounds ``s`` from above. Failing that, a
+    walk that went over ``limit`` at a context and with calls no larger than ``s``'s: then
+    ``s`` is over it too."""
+    same = [(k, r) for k, r in known.items() if (k.max_tree_nodes > 1) == (s.max_tree_nodes > 1)]
+    exact = [r for k, r in same if not r.at_least and k.n_ctx == s.n_ctx
+             and k.prefill_chunk >= s.prefill_chunk and k.max_tree_nodes >= s.max_tree_nodes]
+    over = [r for k, r in same if r.at_least and limit is not None and r.total > limit
+            and k.n_ctx <= s.n_ctx and k.prefill_chunk <= s.prefill_chunk
+            and k.max_tree_nodes <= s.max_tree_nodes]
+    return min(exact or over, key=lambda r: r.total, default=None)
 
 
-def _run_child(backend: str, path: Path, sizings: list[Sizing]) -> Readings:
-    request = {"backend": backend, "path": str(path), "sizings": [_row(s) for s in sizings]}
+def _run_child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -> Readings:
+    request = {"backend": backend, "path": str(path), "limit": limit,
+               "sizings": [_row(s) for s in sizings]}
     done = subprocess.run([sys.executable, "-m", "runtimes.footprint"], input=json.dumps(request),
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -82,11 +91,11 @@ def _run_child(backend: str, path: Path, sizings: list[Sizing]) -> Readings:
 def _row(s: Sizing, r: MemoryReport | None = None) -> list[int]:
     """A sizing (and its reading) as a JSON row."""
     return [s.n_ctx, s.max_tree_nodes, s.prefill_chunk] + (
-        [] if r is None else [r.weights, r.kv_cache, r.scratch])
+        [] if r is None else [r.weights, r.kv_cache, r.scratch, int(r.at_least)])
 
 
 def _readings(rows: list) -> Readings:
-    return {Sizing(*row[:3]): MemoryReport(*row[3:]) for row in rows}
+    return {Sizing(*row[:3]): MemoryReport(*row[3:6], at_least=bool(row[6])) for row in rows}
 
 
 def _cache_file(backend: str, build: str, path: Path) -> Path:
@@ -147,11 +156,12 @@ def _filler(n: int, vocab: int) -> list[int]:
     return [100 + (i * 7919) % (vocab - 100) for i in range(n)]
 
 
-def _child(backend: str, path: Path, sizings: list[Sizing]) -> Readings:
+def _child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -> Readings:
     """Readings for ``sizings`` (all plain, or all with trees) from one walk to the longest
     context, with the largest prefill chunk and tree among them. On the way, every
     :data:`RECORD` tokens, it reads them for that context too: a walk to n tokens is the
-    first n tokens of a longer one, so later plans at other contexts are read, not run."""
+    first n tokens of a longer one, so later plans at other contexts are read, not run.
+    Past ``limit`` bytes it stops, with an ``at_least`` reading where it stopped."""
     from runtimes import backend_class
     from runtimes.slots import SlotBackend
 
@@ -167,19 +177,23 @@ def _child(backend: str, path: Path, sizings: list[Sizing]) -> Readings:
     wanted = {s.n_ctx for s in sizings}
     readings: Readings = {}
 
-    def read(n_ctx: int) -> None:
+    def read(n_ctx: int, at_least: bool = False) -> None:
         peak = _peak()
         for n, c in shapes:
             kv = engine.kv_bytes(n_ctx, n)
             readings[Sizing(n_ctx, n, c)] = MemoryReport(opened - before, kv,
-                                                         max(0, peak - opened - kv))
+                                                         max(0, peak - opened - kv), at_least)
 
     for reached in _walk(engine, min(end, engine.n_ctx), chunk,
                          sorted({1, min(TREE_STEP, nodes), nodes})):
+        if limit is not None and _peak() - before > limit:
+            read(reached, at_least=True)
+            break
         if reached % RECORD == 0 or reached in wanted:
             read(reached)
-    for n_ctx in wanted - {s.n_ctx for s in readings}:
-        read(n_ctx)  # the walk's last calls stop short of the end by less than a chunk
+    else:
+        for n_ctx in wanted - {s.n_ctx for s in readings}:
+            read(n_ctx)  # the walk's last calls stop short of the end by less than a chunk
     engine.close()
     return readings
 
@@ -211,7 +225,7 @@ def _walk(engine: Backend, end: int, chunk: int, steps: list[int]) -> Iterator[i
 def _main() -> None:
     request = json.load(sys.stdin)
     readings = _child(request["backend"], Path(request["path"]),
-                      [Sizing(*row) for row in request["sizings"]])
+                      [Sizing(*row) for row in request["sizings"]], request["limit"])
     json.dump([_row(s, r) for s, r in readings.items()], sys.stdout)
 
 

@@ -127,9 +127,11 @@ class LlamaCppBackend:
         self.tokenizer = self._tokenizer_info()
 
     @classmethod
-    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing],
+                        limit: int | None = None) -> list[MemoryReport]:
         """What loading ``path`` with each sizing would allocate, as llama.cpp itself sizes
-        it: one dry-run model (``no_alloc``: metadata only) and a dry-run context per sizing."""
+        it: one dry-run model (``no_alloc``: metadata only) and a dry-run context per sizing
+        (allocating nothing, it needs no ``limit``)."""
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
         header = rss()

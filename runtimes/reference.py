@@ -197,7 +197,8 @@ class ReferenceBackend:
                             pending)
 
     @classmethod
-    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing],
+                        limit: int | None = None) -> list[MemoryReport]:
         """Not planned: the reference is the test oracle, its cache grows as it fills."""
         raise UserError("memory budgets are planned for the llamacpp, onnx and openvino "
                         "backends; the reference backend has none (use --backend llamacpp)")

@@ -332,14 +332,15 @@ class SlotBackend:
         return self._row_bytes * self._capacity(n_ctx, max_tree_nodes)
 
     @classmethod
-    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing]) -> list[MemoryReport]:
+    def estimate_memory(cls, path: str | Path, sizings: Sequence[Sizing],
+                        limit: int | None = None) -> list[MemoryReport]:
         """Measured (:mod:`runtimes.footprint`): the runtime sizes its arenas and repacked
         weights itself, so nothing short of running the export says what it holds."""
         path = Path(path)
         if not (path.is_dir() or path.suffix.lower() == cls.SUFFIX):
             raise UserError(f"a memory budget on the {cls.name} backend needs an export; make "
                             f"one with `{cls.EXPORT_HINT}` and pass its directory")
-        return footprint.measure(cls.name, cls.build, path, sizings)
+        return footprint.measure(cls.name, cls.build, path, sizings, limit)
 
     @classmethod
     def model_vocab_size(cls, path: str | Path) -> int:

@@ -144,6 +144,24 @@ def test_a_slot_backend_generates_under_its_measured_budget(
     assert peak <= budget, (peak / MB, budget / MB)
 
 
+def test_the_measurement_stops_at_the_budget(slot_export, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measuring runs the engine, so it too stays within the budget: under one smaller
+    than the model, the walk stops at its first reading and the plan is refused in one
+    line; what it learnt is kept as a lower bound."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "edgespec", "run", str(slot_export("onnx")), "hi",
+                        "-c", "4096", "--memory-budget", "120MB"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "it needs more" in r.stderr.splitlines()[-1]
+    rows = [row for f in (tmp_path / "edgespec" / "footprints").glob("*.json")
+            for row in json.loads(f.read_text())]
+    assert rows and all(row[-1] == 1 for row in rows) and max(row[0] for row in rows) < 4096
+
+
 def test_the_onnx_contract_matches_the_resident_memory_it_claims(slot_export) -> None:
     """As for llama.cpp, with the context filled: ONNX Runtime's KV buffers are numpy's, and
     numpy's zeros are only resident once written."""
