@@ -75,8 +75,8 @@ class SlotBackend:
     """The :class:`~runtimes.base.Backend` protocol on an edgespec export, engine aside.
 
     A subclass sets the export's constants, opens the model and calls :meth:`_open_export`,
-    and implements :meth:`_alloc`, :meth:`_evaluate`, :meth:`_open_graph` and
-    (and :meth:`_pad_call` if its kernels need padded calls). It measures what opening the
+    and implements :meth:`_alloc`, :meth:`_evaluate` and :meth:`_open_graph` (and
+    :meth:`_pad_call` if its kernels need padded calls). It measures what opening the
     export made resident (``_resident_weights``); graphs opened later go through
     :meth:`_measured`.
     """
