@@ -7,7 +7,6 @@ the drafter and the cost model what happened.
 
 from __future__ import annotations
 
-import resource
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,7 @@ from edgespec.errors import Cancelled, UserError
 from edgespec.threads import ThreadGovernor
 from edgespec.tree import TokenTree
 from edgespec.verify import Acceptance, PositionDraws, SamplingParams, accept, pick
-from runtimes.base import Backend
+from runtimes.base import Backend, peak_rss_bytes
 
 
 @dataclass
@@ -63,24 +62,6 @@ class GenerationStats:
             peak_rss_bytes=peak_rss_bytes(),
         )
         return d
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far.
-
-    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec``, so a process
-    started by a larger one (a bench worker spawned after the bench exported a model)
-    would report its parent's peak. (edgespec/peers/worker.py has its own copy: it may
-    import nothing from edgespec.)
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class DecodeLoop:

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgespec.errors import UserError
-from runtimes.base import Backend, MemoryReport, Sizing, default_threads, rss
+from runtimes.base import Backend, MemoryReport, Sizing, default_threads, peak_rss_bytes, rss
 
 VERSION = 6  # bump when what a reading covers changes: older readings are measured again
 BLOCK = 16  # a generation's window grows a token at a time; the walk calls at every 16th
@@ -140,17 +140,6 @@ def _write(cache: Path, readings: Readings) -> None:
 # -- the child -------------------------------------------------------------------------------
 
 
-def _peak() -> int:
-    """VmHWM: the peak resident set so far (RSS where /proc has no status)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return rss()
-
-
 def _filler(n: int, vocab: int) -> list[int]:
     """``n`` ordinary token ids: what they say does not change what the engine allocates."""
     return [100 + (i * 7919) % (vocab - 100) for i in range(n)]
@@ -178,7 +167,7 @@ def _child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -
     readings: Readings = {}
 
     def read(n_ctx: int, at_least: bool = False) -> None:
-        peak = _peak()
+        peak = peak_rss_bytes()
         for n, c in shapes:
             kv = engine.kv_bytes(n_ctx, n)
             readings[Sizing(n_ctx, n, c)] = MemoryReport(opened - before, kv,
@@ -186,7 +175,7 @@ def _child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -
 
     for reached in _walk(engine, min(end, engine.n_ctx), chunk,
                          sorted({1, min(TREE_STEP, nodes), nodes})):
-        if limit is not None and _peak() - before > limit:
+        if limit is not None and peak_rss_bytes() - before > limit:
             read(reached, at_least=True)
             break
         if reached % RECORD == 0 or reached in wanted:
