@@ -40,8 +40,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import onnx as spec
-from runtimes import base
-from runtimes.base import default_threads, rss
+from runtimes.base import default_threads
 from runtimes.slots import SlotBackend, require_inputs
 
 try:
@@ -146,8 +145,7 @@ class OnnxBackend(SlotBackend):
         A GGUF file or HF folder is exported to float32 first, into ``export_dir`` (kept) or
         a temporary directory removed by :meth:`close`; ``edgespec export`` avoids redoing it.
         ``batch_invariant=False`` gives up bit-exact speculation for faster plain steps.
-        ``lean_heap`` takes large buffers straight from the OS (:func:`runtimes.base.lean_heap`:
-        what a memory budget's estimate assumes).
+        ``lean_heap``: large buffers straight from the OS (:meth:`_opening`).
         ``device`` (CPU, GPU, NPU, AUTO) picks the execution provider instead of ``provider``.
         """
         if ort is None:
@@ -159,17 +157,14 @@ class OnnxBackend(SlotBackend):
             raise UserError(f"execution provider {provider} is not available; present: "
                             f"{', '.join(present)}")
         self.dir, model_file = self._resolve(Path(path), export_dir)
-        before = rss()
         self.threads = threads or default_threads()
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self.batch_invariant = batch_invariant
-        if lean_heap:
-            base.lean_heap()
-        session = _session(model_file, self.threads, provider)
         self._provider = provider
-        self._open_export(self._manifest(), n_ctx)
-        self._main = _Graph(session, self._ov_k, self._ov_v, self.vocab_size)
-        self._resident_weights = max(0, rss() - before)  # the session, tokenizer and tables
+        with self._opening(lean_heap):  # the session, tokenizer and tables
+            session = _session(model_file, self.threads, provider)
+            self._open_export(self._manifest(), n_ctx)
+            self._main = _Graph(session, self._ov_k, self._ov_v, self.vocab_size)
 
     def _exporter(self) -> Callable[..., Path]:
         from exporters.onnx import export_onnx

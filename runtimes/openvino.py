@@ -66,8 +66,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import openvino as spec
-from runtimes import base
-from runtimes.base import default_threads, rss
+from runtimes.base import default_threads
 from runtimes.slots import SlotBackend, require_inputs
 
 try:
@@ -219,9 +218,8 @@ class OpenVinoBackend(SlotBackend):
         speculation (no padding; an accepted non-best branch's rows are moved, not
         recomputed). ``tree_graph=False`` verifies trees on the single-token model instead
         of a second compiled copy (less memory, slower speculation: module docstring).
-        ``properties`` go to ``compile_model`` on top of the defaults. ``lean_heap`` takes
-        large buffers straight from the OS (:func:`runtimes.base.lean_heap`: what a memory
-        budget's estimate assumes).
+        ``properties`` go to ``compile_model`` on top of the defaults. ``lean_heap``: large
+        buffers straight from the OS (:meth:`_opening`).
         """
         if ov is None:
             raise UserError("the OpenVINO backend needs openvino; install edgespec[openvino]")
@@ -232,20 +230,17 @@ class OpenVinoBackend(SlotBackend):
         device = device.upper()
         present = _check_device(device, self._core.available_devices)
         self.dir, self._model_file = self._resolve(Path(path), export_dir)
-        before = rss()
         self.threads = threads or default_threads()
         self._config = {"PERFORMANCE_HINT": "LATENCY"} | _device_config(
             device, present, self.threads, precision) | (properties or {})
         self.device, self.kv_precision = device, kv_precision
         self.batch_invariant = batch_invariant
-        if lean_heap:
-            base.lean_heap()
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
-        self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
         self._tree_graph = tree_graph
         self._trees: _Graph | None = None  # the copy trees run on (module docstring)
-        self._open_export(self._manifest(), n_ctx)
-        self._resident_weights = max(0, rss() - before)  # the compiled model and tokenizer
+        with self._opening(lean_heap):  # the compiled model and tokenizer
+            self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
+            self._open_export(self._manifest(), n_ctx)
 
     def _exporter(self) -> Callable[..., Path]:
         from exporters.openvino import export_openvino

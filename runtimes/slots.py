@@ -11,10 +11,11 @@ how a graph is opened and run on the buffers, and how the buffers are laid out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +26,7 @@ import numpy as np
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from exporters.onnx import manifest_version
-from runtimes import footprint
+from runtimes import base, footprint
 from runtimes.base import MemoryReport, Sizing, rss
 from runtimes.reference_tokenizer import hf_tokenizer
 
@@ -136,6 +137,16 @@ class SlotBackend:
     def _open_graph(self, path: Path) -> Any:
         """A runnable early-exit graph from its file."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _opening(self, lean_heap: bool) -> Iterator[None]:
+        """Opening the export: on a lean heap if asked (:func:`runtimes.base.lean_heap`, what
+        a memory budget's estimate assumes); what it makes resident counts as weights."""
+        if lean_heap:
+            base.lean_heap()
+        before = rss()
+        yield
+        self._resident_weights = max(0, rss() - before)
 
     def _measured(self, open_graph: Callable[[], Any]) -> Any:
         """``open_graph()``, counting what it makes resident as weights: a runtime holds
