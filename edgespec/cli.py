@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgespec import interrupts
 from edgespec.api import Engine, GenerationResult, load
 from edgespec.drafting import DRAFTERS
 from edgespec.errors import Cancelled, UserError
@@ -38,6 +39,11 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="CPU|GPU|NPU|AUT
 BudgetOpt = Annotated[str | None, typer.Option(
     "--memory-budget", help="Peak memory to stay under: 400MB, 1.5GiB (KB/MB/GB are powers "
     "of 10, KiB/MiB/GiB of 2) or bytes.")]
+
+
+@app.callback()
+def _every_command() -> None:
+    interrupts.install()  # before any engine is imported (no docstring: it would be the help)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
