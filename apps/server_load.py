@@ -2,12 +2,13 @@
 
 Starts the server on a free loopback port, sends ``--requests`` requests from
 ``--clients`` concurrent clients (the official openai client; every other request
-streams), and stops by itself. Reports every answer's status (anything but 200 or a
-deliberate 429 is a failure), p50/p99 latency, and the server's resident memory after
-warm-up and at the end. ``--compare`` then times the same greedy prompts through the
-server and in-process, one after the other, for the per-token cost of the HTTP layer.
+streams; a 429 is retried after its Retry-After), and stops by itself. Reports every
+answer's status (anything but 200 or a deliberate 429 is a failure), p50/p99 latency,
+and the server's resident memory after warm-up and at the end. ``--compare`` then times
+the same greedy prompts through the server and in-process, interleaved, for the per-token
+cost of the HTTP layer.
 
-    python apps/server_load.py --clients 8 --requests 200 --compare 16
+    python apps/server_load.py --clients 8 --requests 200 --compare 41
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import httpx
 import openai
 
 import edgespec
+from edgespec.bench import speed_ratio_interval
 
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "dev.jsonl"
 MODEL = ["?"]  # the served model's id, from /v1/models
@@ -72,28 +74,31 @@ def load(client: openai.OpenAI, prompts: list[str], clients: int, requests: int)
             if i is None:
                 return
             messages = [{"role": "user", "content": prompts[i % len(prompts)]}]
-            start = time.perf_counter()
-            try:
-                if i % 2:
-                    text = "".join(c.choices[0].delta.content or "" for c in
-                                   client.chat.completions.create(
-                                       model=MODEL[0], messages=messages, max_tokens=32,
-                                       temperature=0, stream=True) if c.choices)
-                else:
-                    text = client.chat.completions.create(
-                        model=MODEL[0], messages=messages, max_tokens=32,
-                        temperature=0).choices[0].message.content
-                outcome = "ok" if text else "empty"
-            except openai.RateLimitError:
-                outcome = "429"
-            except openai.APIStatusError as e:
-                outcome = str(e.status_code)
-            except openai.APIConnectionError:
-                outcome = "connection"
-            with lock:
-                outcomes[outcome] += 1
-                if outcome == "ok":
-                    latencies.append(time.perf_counter() - start)
+            outcome = "429"
+            while outcome == "429":  # a busy server says when to come back: do as it says
+                start, wait = time.perf_counter(), 0.0
+                try:
+                    if i % 2:
+                        text = "".join(c.choices[0].delta.content or "" for c in
+                                       client.chat.completions.create(
+                                           model=MODEL[0], messages=messages, max_tokens=32,
+                                           temperature=0, stream=True) if c.choices)
+                    else:
+                        text = client.chat.completions.create(
+                            model=MODEL[0], messages=messages, max_tokens=32,
+                            temperature=0).choices[0].message.content
+                    outcome = "ok" if text else "empty"
+                except openai.RateLimitError as e:
+                    outcome, wait = "429", float(e.response.headers["retry-after"])
+                except openai.APIStatusError as e:
+                    outcome = str(e.status_code)
+                except openai.APIConnectionError:
+                    outcome = "connection"
+                with lock:
+                    outcomes[outcome] += 1
+                    if outcome == "ok":
+                        latencies.append(time.perf_counter() - start)
+                time.sleep(wait)
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
@@ -105,25 +110,35 @@ def load(client: openai.OpenAI, prompts: list[str], clients: int, requests: int)
             "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
-def compare(client: openai.OpenAI, prompts: list[str], n: int) -> dict:
-    """Greedy answers of 64 tokens through the server, then in-process: seconds per token."""
-    def timed(ask) -> float:
-        tokens, seconds = 0, 0.0
-        for prompt in prompts[:n]:
-            start = time.perf_counter()
-            tokens += ask([{"role": "user", "content": prompt}])
-            seconds += time.perf_counter() - start
-        return seconds / tokens
+def compare(client: openai.OpenAI, prompts: list[str], n: int, repeat: int) -> dict:
+    """Greedy 64-token answers through the server and in-process, interleaved prompt by
+    prompt (the order alternating), for the HTTP layer's cost per token with an interval."""
+    def served(messages: list[dict]) -> int:
+        return client.chat.completions.create(model=MODEL[0], messages=messages, max_tokens=64,
+                                              temperature=0).usage.completion_tokens
 
-    client.chat.completions.create(model=MODEL[0], max_tokens=4,  # both sides warm
-                                   messages=[{"role": "user", "content": "warm up"}])
-    served = timed(lambda m: client.chat.completions.create(
-        model=MODEL[0], messages=m, max_tokens=64, temperature=0).usage.completion_tokens)
+    def timed(ask, prompt: str) -> tuple[int, float]:
+        start = time.perf_counter()
+        tokens = ask([{"role": "user", "content": prompt}])
+        return tokens, time.perf_counter() - start
+
     with edgespec.load(ctx=2048) as engine:
-        engine.chat([{"role": "user", "content": "warm up"}], max_tokens=4)
-        local = timed(lambda m: engine.chat(m, max_tokens=64).stats.new_tokens)
-    return {"server_s_per_token": served, "in_process_s_per_token": local,
-            "server_over_in_process": served / local}
+        def local(messages: list[dict]) -> int:
+            return engine.chat(messages, max_tokens=64).stats.new_tokens
+
+        for ask in (served, local):  # both sides warm
+            timed(ask, "warm up")
+        pairs = []
+        for r in range(repeat):
+            for i, prompt in enumerate(prompts[:n]):
+                first, second = (served, local) if (i + r) % 2 == 0 else (local, served)
+                got = {first: timed(first, prompt), second: timed(second, prompt)}
+                pairs.append((*got[served], *got[local]))
+    tokens_s, seconds_s, tokens_l, seconds_l = (sum(col) for col in zip(*pairs))
+    return {"pairs": len(pairs), "server_s_per_token": seconds_s / tokens_s,
+            "in_process_s_per_token": seconds_l / tokens_l,
+            "server_speed_over_in_process": (tokens_s / seconds_s) / (tokens_l / seconds_l),
+            "interval_95": speed_ratio_interval(pairs)}
 
 
 def main() -> None:
@@ -132,6 +147,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--queue", type=int, default=8)
     parser.add_argument("--compare", type=int, default=0, help="prompts for the speed ratio")
+    parser.add_argument("--repeat", type=int, default=2, help="passes over those prompts")
     args = parser.parse_args()
     prompts = [json.loads(line)["turns"][0] for line in PROMPTS.read_text().splitlines()]
     port = free_port()
@@ -146,7 +162,7 @@ def main() -> None:
         report |= {"rss_after_warmup_mib": before, "rss_end_mib": rss_mib(server.pid),
                    "server_alive": server.poll() is None}
         if args.compare:
-            report |= compare(client, prompts, args.compare)
+            report |= compare(client, prompts, args.compare, args.repeat)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -323,10 +323,18 @@ def _paired_interval(ms: list[Measurement], index: dict, other: str,
     a ratio near 1.0 is a real difference or the noise of this run.
     """
     pairs = [(m, index.get((other, m.prompt_id, m.turn, m.repeat))) for m in ms]
-    sums = np.array([[max(m.new_tokens - 1, 0), m.decode_s, max(o.new_tokens - 1, 0), o.decode_s]
-                     for m, o in pairs if o is not None and m is not o])
-    if len(sums) < 2:
+    return speed_ratio_interval([(max(m.new_tokens - 1, 0), m.decode_s,
+                                  max(o.new_tokens - 1, 0), o.decode_s)
+                                 for m, o in pairs if o is not None and m is not o], draws)
+
+
+def speed_ratio_interval(pairs: list[tuple[float, float, float, float]],
+                         draws: int = 2000) -> list[float] | None:
+    """95% bootstrap interval of Σtokens/Σseconds of A over that of B, from paired runs
+    ``(tokens_a, seconds_a, tokens_b, seconds_b)`` resampled together."""
+    if len(pairs) < 2:
         return None
+    sums = np.array(pairs, dtype=float)
     picks = sums[np.random.default_rng(0).integers(0, len(sums), (draws, len(sums)))].sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = (picks[:, 0] / picks[:, 1]) / (picks[:, 2] / picks[:, 3])

@@ -199,6 +199,7 @@ def chat_cmd(
     ctx_size: CtxOpt = 4096,
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
+    memory_budget: BudgetOpt = None,
 ) -> None:
     """Talk with a chat model in the terminal (/reset, /stats, /exit; Ctrl-C stops an answer)."""
     from edgespec.chat_cli import HELP, ChatSession, chat_loop
@@ -209,8 +210,9 @@ def chat_cmd(
         if max_tokens >= ctx_size:
             raise UserError(f"-n/--max-tokens ({max_tokens}) must leave room in the context "
                             f"of {ctx_size} tokens")
-        with load(name, backend=backend, draft=draft,
-                  threads=threads, ctx=ctx_size, device=device) as engine:
+        with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
+                  device=device, memory_budget=memory_budget,
+                  min_ctx=max(512, max_tokens + 128)) as engine:  # room for a question
             engine.render_chat([{"role": "user", "content": "hi"}])  # a template, or say so
             if sys.stdin.isatty():
                 typer.echo(HELP, err=True)
@@ -425,6 +427,7 @@ def serve(
     ctx_size: CtxOpt = 4096,
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
+    memory_budget: BudgetOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/…)."""
     try:
@@ -447,7 +450,7 @@ def serve(
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"edgespec: warning: serving on {host} with no --api-key", err=True)
         with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
-                  tree_size=tree_size, device=device) as engine:
+                  tree_size=tree_size, device=device, memory_budget=memory_budget) as engine:
             model_id = Path(name).stem if name is not None else default_model_path().stem
             server.serve(engine, sock, model_id=model_id, queue_size=queue,
                          max_tokens_cap=max_tokens_cap, api_key=api_key)

@@ -57,3 +57,17 @@ def test_a_conversation_longer_than_the_context_drops_its_oldest_turns() -> None
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("were dropped to fit the context)") >= 2
     assert "Traceback" not in r.stderr and "error" not in r.stderr
+
+
+def test_the_chat_stays_within_its_memory_budget() -> None:
+    r = chat("--memory-budget", "240MB", "-n", "32",
+             script="Name one primary color.\n/stats\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    peak_mib = float(r.stdout.split("peak RSS ")[1].split(" MiB")[0])
+    assert peak_mib * 2**20 < 240e6, r.stdout
+
+
+def test_a_budget_below_the_least_is_refused_in_one_line() -> None:
+    r = chat("--memory-budget", "100MB", script="hi\n")
+    assert r.returncode == 2 and "the least is" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -247,6 +247,12 @@ def test_the_api_key_is_required(server: Server) -> None:
         wrong.models.list()
 
 
+def test_a_budget_below_the_least_is_refused_in_one_line(tmp_path: Path) -> None:
+    refused = Server(tmp_path, "--memory-budget", "100MB")
+    assert refused.proc.wait(timeout=120) == 2
+    assert "the least is" in refused.logged() and len(refused.logged().splitlines()) == 1
+
+
 def test_unknown_paths_get_openai_errors(server: Server) -> None:
     assert_openai_error(httpx.get(f"{server.url}/v1/engines", headers=AUTH), 404)
     assert_openai_error(httpx.get(f"{server.url}/v1/completions", headers=AUTH), 405)
