@@ -108,9 +108,10 @@ class Engine:
         instead of the engine's own; :meth:`cancel` then does not reach it.
         """
         ids = self.tokenize(prompt)
+        stats = GenerationStats(backend=self.backend.name, draft=draft or self.draft)
         run = TextIterator(
-            self._run(ids, max_tokens, SamplingParams(temperature, top_k, top_p), seed, draft,
-                      stop, cancel)
+            self._run(ids, max_tokens, SamplingParams(temperature, top_k, top_p), seed, stats,
+                      stop, cancel), stats
         )
         if stream:
             return run
@@ -242,19 +243,18 @@ class Engine:
         max_tokens: int,
         params: SamplingParams,
         seed: int | None,
-        draft: str | None,
+        stats: GenerationStats,
         stop: Sequence[str],
         cancel: threading.Event | None = None,
     ) -> Iterator[str | GenerationResult]:
-        """Yield text pieces, then the final :class:`GenerationResult` as the last item."""
+        """Yield text pieces, then the final :class:`GenerationResult` as the last item;
+        ``stats`` (naming the drafter) is filled in step by step."""
         if max_tokens < 0:
             raise UserError(f"max tokens must be 0 or more (got {max_tokens})")
-        name = draft or self.draft
-        drafter = self._drafter(name)
+        drafter = self._drafter(stats.draft)
         with self._lock:
             self._cancel.clear()
             loop = self._decode_loop(drafter is not None and self.tree_size > 1)
-            stats = GenerationStats(backend=self.backend.name, draft=name)
             text = TextStream(self.backend.detokenize, stop)
             tokens: list[int] = []
             steps = loop.generate(ids, drafter=drafter, params=params, max_tokens=max_tokens,
@@ -278,10 +278,12 @@ class Engine:
 
 
 class TextIterator:
-    """Text pieces of a generation; ``result`` holds the full result once it is exhausted."""
+    """Text pieces of a generation; ``stats`` fills in as it runs (for a live status line),
+    ``result`` holds the full result once it is exhausted."""
 
-    def __init__(self, run: Iterator[str | GenerationResult]) -> None:
+    def __init__(self, run: Iterator[str | GenerationResult], stats: GenerationStats) -> None:
         self._run = run
+        self.stats = stats
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:

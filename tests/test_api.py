@@ -24,6 +24,14 @@ def test_generate_and_stream_agree(engine) -> None:
     assert stream.result is not None and stream.result.token_ids == result.token_ids
 
 
+def test_a_streams_stats_fill_in_as_it_runs(engine) -> None:
+    """What a live status line reads: the stats count tokens and steps while text arrives."""
+    stream = engine.stream("Once upon a time", max_tokens=24)
+    seen = [(stream.stats.new_tokens, stream.stats.steps) for _ in stream]
+    assert seen == sorted(seen) and 0 < seen[0][0] < seen[-1][0] <= 24
+    assert stream.result is not None and stream.result.stats is stream.stats
+
+
 def test_cancel_from_another_thread_then_reuse(engine) -> None:
     pieces = engine.stream("Once upon a time", max_tokens=400)
     first = next(iter(pieces))

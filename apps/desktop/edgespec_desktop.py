@@ -16,7 +16,6 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-import time
 import tkinter as tk
 from pathlib import Path
 from tkinter import filedialog, ttk
@@ -36,7 +35,7 @@ class ChatWindow:
         self.jobs: queue.Queue = queue.Queue()  # window → engine thread
         threading.Thread(target=self._engine_thread, daemon=True).start()
         self.cancel: threading.Event | None = None
-        self.started = 0.0  # when the current answer's first piece arrived
+        self.live: edgespec.GenerationStats | None = None  # the answer's, filled as it runs
         self.pieces = 0
         root.title("edgespec chat")
         root.geometry("720x480")
@@ -102,9 +101,10 @@ class ChatWindow:
             except queue.Empty:
                 break
             getattr(self, f"_on_{kind}")(value)
-        if self.cancel is not None and self.pieces > 1:
-            rate = (self.pieces - 1) / max(time.perf_counter() - self.started, 1e-6)
-            self.status.config(text=f"≈{rate:.0f} tok/s so far · memory {_memory()}")
+        live = self.live
+        if self.cancel is not None and live is not None and live.new_tokens > 1:
+            self.status.config(text=f"{live.tokens_per_s:.0f} tok/s · {live.accepted_per_step:.2f}"
+                                    f" tokens/step so far · memory {_memory()}")
         self.root.after(POLL_MS, self.poll)
 
     # -- events from the workers (applied on the Tk thread) --------------------------------
@@ -117,10 +117,12 @@ class ChatWindow:
         self.status.config(text=f"ready · memory {_memory()}")
         log(f"loaded {engine.model}")
 
+    def _on_live(self, stats: edgespec.GenerationStats) -> None:
+        self.live = stats
+
     def _on_piece(self, piece: str) -> None:
         self.pieces += 1
         if self.pieces == 1:
-            self.started = time.perf_counter()  # the rate counts from the first token
             log("answer streaming")
         self._append(piece)
 
@@ -161,6 +163,7 @@ class ChatWindow:
 
     def _answer(self, messages: list[dict], cancel: threading.Event) -> None:
         pieces = self.engine.chat(messages, stream=True, cancel=cancel, max_tokens=512)
+        self.events.put(("live", pieces.stats))
         try:
             for piece in pieces:
                 self.events.put(("piece", piece))
