@@ -311,6 +311,7 @@ def load(
     saved_profile: bool = True,
     memory_budget: str | int | None = None,
     min_ctx: int = 512,
+    kv_type: str | None = None,
 ) -> Engine:
     """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) into an :class:`Engine`.
 
@@ -320,8 +321,10 @@ def load(
     never profiled (the bench compares the two).
     ``memory_budget`` (``"400MB"``, ``"1GiB"`` or bytes) caps the process's peak memory:
     the planner (:mod:`edgespec.memory`) sets the context (at least ``min_ctx`` tokens, at
-    most ``ctx``), the tree size and the drafter's table to fit it, fastest first, and
-    ``Engine.plan`` says what it chose.
+    most ``ctx``), the KV precision, the tree size and the drafter's table to fit it,
+    fastest first, and ``Engine.plan`` says what it chose.
+    ``kv_type``: the KV cache's precision (llama.cpp: ``f16`` or ``q8_0`` for K; the
+    backend's ``kv_types``), fixed by hand instead of planned.
     """
     if ctx < 16:
         raise UserError(f"the context size must be at least 16 tokens (got {ctx})")
@@ -331,10 +334,11 @@ def load(
     name = runtimes.backend_for(path, backend)
     tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
     saved = _saved_profile(path, name, threads) if saved_profile else None
+    kv_types = runtimes.backend_class(name).kv_types if kv_type is None else (kv_type,)
     plan = None if memory_budget is None else memory.plan(
         memory.parse_size(memory_budget), path, name, draft=draft, ctx=ctx,
-        min_ctx=min(min_ctx, ctx), tree_size=tree_size, profile=saved)
-    options = {"n_ctx": ctx, "threads": threads}
+        min_ctx=min(min_ctx, ctx), tree_size=tree_size, kv_types=kv_types, profile=saved)
+    options = {"n_ctx": ctx, "threads": threads, "kv_type": kv_types[0]}
     if plan is not None:
         options.update(plan.backend_options, **runtimes.backend_class(name).budget_options)
         draft, tree_size = plan.draft, plan.max_tree_nodes

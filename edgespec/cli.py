@@ -45,6 +45,10 @@ BudgetOpt = Annotated[str | None, typer.Option(
 def _every_command() -> None:
     interrupts.install()  # before any engine is imported (no docstring: it would be the help)
 
+KvOpt = Annotated[str | None, typer.Option(
+    "--kv-type", help="KV cache precision: f16|q8_0 (K) on llamacpp, f32 on onnx/openvino; "
+    "default: chosen by --memory-budget, else the first.")]
+
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
@@ -146,6 +150,7 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics line.")] = False,
     memory_budget: BudgetOpt = None,
+    kv_type: KvOpt = None,
     explain: Annotated[bool, typer.Option(
         "--explain", help="Print the memory plan before generating.")] = False,
 ) -> None:
@@ -160,7 +165,7 @@ def run(
             raise UserError("--explain shows a memory plan: give --memory-budget too")
         options = dict(backend=backend, draft=draft, threads=threads, ctx=ctx_size,
                        tree_size=tree_size, device=device, memory_budget=memory_budget,
-                       min_ctx=max_tokens + 1)
+                       kv_type=kv_type, min_ctx=max_tokens + 1)
         with contextlib.ExitStack() as stack:
             engine = stack.enter_context(load(model_path, **options))
             use_chat = chat if chat is not None else bool(engine.backend.tokenizer.chat_template)
@@ -200,6 +205,7 @@ def chat_cmd(
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
     memory_budget: BudgetOpt = None,
+    kv_type: KvOpt = None,
 ) -> None:
     """Talk with a chat model in the terminal (/reset, /stats, /exit; Ctrl-C stops an answer)."""
     from edgespec.chat_cli import HELP, ChatSession, chat_loop
@@ -211,7 +217,7 @@ def chat_cmd(
             raise UserError(f"-n/--max-tokens ({max_tokens}) must leave room in the context "
                             f"of {ctx_size} tokens")
         with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
-                  device=device, memory_budget=memory_budget,
+                  device=device, memory_budget=memory_budget, kv_type=kv_type,
                   min_ctx=max(512, max_tokens + 128)) as engine:  # room for a question
             engine.render_chat([{"role": "user", "content": "hi"}])  # a template, or say so
             if sys.stdin.isatty():
@@ -428,6 +434,7 @@ def serve(
     backend: BackendOpt = "auto",
     device: DeviceOpt = None,
     memory_budget: BudgetOpt = None,
+    kv_type: KvOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/…)."""
     try:
@@ -450,7 +457,8 @@ def serve(
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"edgespec: warning: serving on {host} with no --api-key", err=True)
         with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
-                  tree_size=tree_size, device=device, memory_budget=memory_budget) as engine:
+                  tree_size=tree_size, device=device, memory_budget=memory_budget,
+                  kv_type=kv_type) as engine:
             model_id = Path(name).stem if name is not None else default_model_path().stem
             server.serve(engine, sock, model_id=model_id, queue_size=queue,
                          max_tokens_cap=max_tokens_cap, api_key=api_key)

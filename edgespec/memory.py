@@ -13,8 +13,9 @@ runtime, are measured once in a child process (:mod:`runtimes.footprint`).
 What is given up, in order, keeps the most decode speed: tree nodes no verify could pay
 for on this device or none verifies exactly (from its saved profile) are never planned;
 then context beyond what the caller needs (a smaller cache is, if anything, faster), the
-prefill batch (only the first token waits longer), the recycling table, tree size, and
-last speculation itself.
+prefill batch (only the first token waits longer), the KV cache's precision (among those
+the backend verifies exactly: llama.cpp's q8_0 K cache), the recycling table, tree size,
+and last speculation itself.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Plan:
     ctx: int
     max_tree_nodes: int  # 1: plain decoding (no drafter)
     prefill_chunk: int  # tokens per prefill call: the engine's batch buffers scale with it
+    kv_type: str  # the KV cache's precision, one of the backend's kv_types
     recycling_k: int  # 0: no recycling table
     draft: str
     components: tuple[Component, ...]
@@ -86,7 +88,7 @@ class Plan:
     def backend_options(self) -> dict:
         """What :func:`runtimes.open_backend` takes from the plan."""
         return {"n_ctx": self.ctx, "max_tree_nodes": self.max_tree_nodes,
-                "prefill_chunk": self.prefill_chunk}
+                "prefill_chunk": self.prefill_chunk, "kv_type": self.kv_type}
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,12 @@ class _Option:
 
     nodes: int
     chunk: int
+    kv: str
     k: int
     draft: str
+
+    def sizing(self, n_ctx: int) -> Sizing:
+        return Sizing(n_ctx, self.nodes, self.chunk, self.kv)
 
 
 def useful_tree_size(profile: BackendProfile | None) -> int:
@@ -110,12 +116,13 @@ def useful_tree_size(profile: BackendProfile | None) -> int:
 
 
 def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ctx: int,
-         tree_size: int, profile: BackendProfile | None = None,
+         tree_size: int, kv_types: tuple[str, ...], profile: BackendProfile | None = None,
          baseline: int | None = None) -> Plan:
     """The fastest configuration of ``model`` on ``backend`` whose peak RSS stays within
     ``budget``: context between ``min_ctx`` and ``ctx`` tokens, trees of at most
-    ``tree_size`` nodes. ``baseline``: the process's memory before loading (now, if None).
-    A budget that cannot hold the model is refused, naming the least that can.
+    ``tree_size`` nodes, the KV cache in one of ``kv_types`` (preferred first).
+    ``baseline``: the process's memory before loading (now, if None). A budget that cannot
+    hold the model is refused, naming the least that can.
 
     The engine's own part comes from the backend's estimate at the smallest and the
     largest context; in between it is interpolated (its buffers grow linearly or, where
@@ -123,9 +130,9 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     and the choice is then estimated exactly.
     """
     low, high = _round_ctx(min(min_ctx, ctx)), _round_ctx(ctx)
-    options = _options(draft, min(tree_size, useful_tree_size(profile)))
-    sizings = sorted({Sizing(c, o.nodes, o.chunk) for o in options for c in (low, high)},
-                     key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk))
+    options = _options(draft, min(tree_size, useful_tree_size(profile)), kv_types)
+    sizings = sorted({o.sizing(c) for o in options for c in (low, high)},
+                     key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk, z.kv_type))
     baseline = psutil.Process().memory_info().rss if baseline is None else baseline
     limit = budget - baseline  # what an estimate that runs the engine may hold
     # first: a backend that cannot plan says so; its libraries count in the process below
@@ -137,7 +144,7 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
 
     def cost(o: _Option, n_ctx: int, engine_bytes: int | None = None) -> int:
         if engine_bytes is None:
-            lo, hi = engine[Sizing(low, o.nodes, o.chunk)], engine[Sizing(high, o.nodes, o.chunk)]
+            lo, hi = engine[o.sizing(low)], engine[o.sizing(high)]
             engine_bytes = lo + (hi - lo) * (n_ctx - low) // max(high - low, 1)
         known = baseline + engine_bytes + _loop_bytes(o.nodes, vocab) + _drafter_bytes(o.k, vocab)
         return known + _headroom(known)
@@ -145,7 +152,7 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     def least(chosen: list[_Option]) -> int | None:
         """The least budget for any of ``chosen`` at the smallest context (None: more than
         this one, as far as a measurement stopped at it can tell)."""
-        known = [cost(o, low) for o in chosen if Sizing(low, o.nodes, o.chunk) not in over]
+        known = [cost(o, low) for o in chosen if o.sizing(low) not in over]
         return min(known, default=None)
 
     minimum = least(options[-1:])
@@ -154,11 +161,11 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
         fitted = [c for c in range(high, low - 1, -CTX_STEP) if cost(option, c) <= budget]
         for n_ctx in fitted:  # the chord bounds the exact cost where it grows convexly; check
             report = replace(runtimes.estimate_memory(
-                model, backend, [Sizing(n_ctx, option.nodes, option.chunk)], limit)[0],
-                weights=weights)
+                model, backend, [option.sizing(n_ctx)], limit)[0], weights=weights)
             if not report.at_least and cost(option, n_ctx, report.total) <= budget:
                 used = min(ctx, n_ctx)
-                return Plan(budget, used, option.nodes, option.chunk, option.k, option.draft,
+                return Plan(budget, used, option.nodes, option.chunk, option.kv, option.k,
+                            option.draft,
                             _components(baseline, report, used, option, vocab),
                             minimum, speculation_minimum)
     least_text = f"the least is {_mb(minimum)}" if minimum else "it needs more"
@@ -166,18 +173,17 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
                     f"{low}-token context on {backend}; {least_text} (--memory-budget)")
 
 
-def _options(draft: str, cap: int) -> list[_Option]:
+def _options(draft: str, cap: int, kv_types: tuple[str, ...]) -> list[_Option]:
     """From fastest to leanest, giving up first what costs decode speed least: the prefill
-    batch (only the first token waits longer), then the recycling table, then tree size;
-    plain decoding last."""
-    options = []
+    batch (only the first token waits longer), then the KV precision (q8_0 K: ~2% per
+    step), then the recycling table, then tree size; plain decoding last."""
     drafters = {"fused": [(k, "fused") for k in RECYCLING_K] + [(0, "lookup")],
                 "recycling": [(k, "recycling") for k in RECYCLING_K],
                 "lookup": [(0, "lookup")]}.get(draft, [])
-    for nodes in (n for n in TREE_SIZES if n <= cap):
-        for k, name in drafters:
-            options += [_Option(nodes, chunk, k, name) for chunk in _chunks(nodes)]
-    return [*options, *(_Option(1, chunk, 0, "none") for chunk in PREFILL_CHUNKS)]
+    shapes = [(nodes, k, name) for nodes in TREE_SIZES if nodes <= cap for k, name in drafters]
+    return [_Option(nodes, chunk, kv, k, name)
+            for nodes, k, name in [*shapes, (1, 0, "none")]
+            for kv in kv_types for chunk in _chunks(nodes)]
 
 
 def _chunks(nodes: int) -> list[int]:
@@ -212,7 +218,7 @@ def _components(baseline: int, est: MemoryReport, ctx: int, option: _Option,
              Component("weights", est.weights,
                        "the model's tensors as the engine holds them, its vocabulary and "
                        "metadata"),
-             Component("KV cache", est.kv_cache, f"{ctx:,} tokens of context"),
+             Component("KV cache", est.kv_cache, f"{ctx:,} tokens of context in {option.kv}"),
              Component("engine scratch", est.scratch,
                        f"compute and logits buffers (and a compiled copy for trees, on "
                        f"OpenVINO) for steps of {option.nodes} tokens and prefill calls of "

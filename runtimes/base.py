@@ -32,6 +32,13 @@ def require_cpu(device: str | None, engine: str) -> None:
                         "use --backend onnx or openvino for other devices")
 
 
+def check_kv_type(kv_type: str, engine: type[Backend] | Backend) -> None:
+    """Refuse a KV precision the engine does not offer, naming the ones it does."""
+    if kv_type not in engine.kv_types:
+        raise UserError(f"the {engine.name} backend keeps its KV cache in "
+                        f"{' or '.join(engine.kv_types)}, not {kv_type!r} (--kv-type)")
+
+
 def default_threads() -> int:
     """Physical cores, as llama.cpp picks them: hyper-threads slow small matmuls down."""
     import psutil
@@ -98,11 +105,13 @@ class MemoryReport:
 
 @dataclass(frozen=True)
 class Sizing:
-    """The load options memory depends on: context, the largest tree, the prefill batch."""
+    """The load options memory depends on: context, the largest tree, the prefill batch and
+    the KV cache's precision (one of the backend's :attr:`Backend.kv_types`)."""
 
     n_ctx: int
     max_tree_nodes: int
     prefill_chunk: int
+    kv_type: str
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,10 @@ class Backend(Protocol):
     """The engine and its version: a saved device profile holds for this build only."""
     budget_options: ClassVar[dict]
     """Options a load under a memory budget adds: what :meth:`estimate_memory` assumed."""
+    kv_types: ClassVar[tuple[str, ...]]
+    """The KV cache precisions (the constructor's ``kv_type``) that keep verification
+    bit-exact, the default first: what a memory plan may choose. An engine may take more."""
+    kv_type: str
     prefill_chunk: int
     """The most tokens one :meth:`prefill` evaluates as a batch. The decode loop prefills a
     prompt in chunks starting at multiples of it, so a reused prefix was evaluated in the

@@ -32,7 +32,7 @@ from pathlib import Path
 from edgespec.errors import UserError
 from runtimes.base import Backend, MemoryReport, Sizing, default_threads, peak_rss_bytes, rss
 
-VERSION = 6  # bump when what a reading covers changes: older readings are measured again
+VERSION = 7  # bump when what a reading covers changes: older readings are measured again
 BLOCK = 16  # a generation's window grows a token at a time; the walk calls at every 16th
 TREE_STEP = 8  # the walk's trees: one of 8 nodes (OpenVINO's smallest bucket) and the largest
 RECORD = 256  # contexts read on the way (the planner's steps)
@@ -54,20 +54,22 @@ def measure(backend: str, build: str, path: Path, sizings: Sequence[Sizing],
     if missing:
         print(f"edgespec: measuring what {path.name} needs on {backend}, once for this device "
               "(a minute or two)", file=sys.stderr)
-    for trees in (False, True):
-        group = [s for s in missing if (s.max_tree_nodes > 1) == trees]
-        if group:
-            known |= _run_child(backend, path, group, limit)
-            _write(cache, known)
+    for kv_type in sorted({s.kv_type for s in missing}):
+        for trees in (False, True):
+            group = [s for s in missing if (s.max_tree_nodes > 1) == trees and s.kv_type == kv_type]
+            if group:
+                known |= _run_child(backend, path, group, limit)
+                _write(cache, known)
     return [_bound(known, s, limit) for s in sizings]
 
 
 def _bound(known: Readings, s: Sizing, limit: int | None) -> MemoryReport | None:
     """The leanest reading at ``s``'s context whose tree and prefill chunk are at least as
-    large (both with trees or both without): it bounds ``s`` from above. Failing that, a
-    walk that went over ``limit`` at a context and with calls no larger than ``s``'s: then
-    ``s`` is over it too."""
-    same = [(k, r) for k, r in known.items() if (k.max_tree_nodes > 1) == (s.max_tree_nodes > 1)]
+    large (both with trees or both without, the same KV precision): it bounds ``s`` from
+    above. Failing that, a walk that went over ``limit`` at a context and with calls no
+    larger than ``s``'s: then ``s`` is over it too."""
+    same = [(k, r) for k, r in known.items() if k.kv_type == s.kv_type
+            and (k.max_tree_nodes > 1) == (s.max_tree_nodes > 1)]
     exact = [r for k, r in same if not r.at_least and k.n_ctx == s.n_ctx
              and k.prefill_chunk >= s.prefill_chunk and k.max_tree_nodes >= s.max_tree_nodes]
     over = [r for k, r in same if r.at_least and limit is not None and r.total > limit
@@ -88,14 +90,14 @@ def _run_child(backend: str, path: Path, sizings: list[Sizing], limit: int | Non
     return _readings(json.loads(done.stdout))
 
 
-def _row(s: Sizing, r: MemoryReport | None = None) -> list[int]:
+def _row(s: Sizing, r: MemoryReport | None = None) -> list:
     """A sizing (and its reading) as a JSON row."""
-    return [s.n_ctx, s.max_tree_nodes, s.prefill_chunk] + (
+    return [s.n_ctx, s.max_tree_nodes, s.prefill_chunk, s.kv_type] + (
         [] if r is None else [r.weights, r.kv_cache, r.scratch, int(r.at_least)])
 
 
 def _readings(rows: list) -> Readings:
-    return {Sizing(*row[:3]): MemoryReport(*row[3:6], at_least=bool(row[6])) for row in rows}
+    return {Sizing(*row[:4]): MemoryReport(*row[4:7], at_least=bool(row[7])) for row in rows}
 
 
 def _cache_file(backend: str, build: str, path: Path) -> Path:
@@ -146,10 +148,11 @@ def _filler(n: int, vocab: int) -> list[int]:
 
 
 def _child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -> Readings:
-    """Readings for ``sizings`` (all plain, or all with trees) from one walk to the longest
-    context, with the largest prefill chunk and tree among them. On the way, every
-    :data:`RECORD` tokens, it reads them for that context too: a walk to n tokens is the
-    first n tokens of a longer one, so later plans at other contexts are read, not run.
+    """Readings for ``sizings`` (all plain, or all with trees; one KV precision) from one
+    walk to the longest context, with the largest prefill chunk and tree among them. On the
+    way, every :data:`RECORD` tokens, it reads them for that context too: a walk to n
+    tokens is the first n tokens of a longer one, so later plans at other contexts are
+    read, not run.
     Past ``limit`` bytes it stops, with an ``at_least`` reading where it stopped."""
     from runtimes import backend_class
     from runtimes.slots import SlotBackend
@@ -158,7 +161,8 @@ def _child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -
     before = rss()
     end = max(s.n_ctx for s in sizings)
     nodes, chunk = max(s.max_tree_nodes for s in sizings), max(s.prefill_chunk for s in sizings)
-    engine = cls(path, n_ctx=end, max_tree_nodes=nodes, prefill_chunk=chunk,
+    kv_type = sizings[0].kv_type
+    engine = cls(path, n_ctx=end, max_tree_nodes=nodes, prefill_chunk=chunk, kv_type=kv_type,
                  **cls.budget_options)
     assert isinstance(engine, SlotBackend)
     opened = rss()
@@ -170,7 +174,7 @@ def _child(backend: str, path: Path, sizings: list[Sizing], limit: int | None) -
         peak = peak_rss_bytes()
         for n, c in shapes:
             kv = engine.kv_bytes(n_ctx, n)
-            readings[Sizing(n_ctx, n, c)] = MemoryReport(opened - before, kv,
+            readings[Sizing(n_ctx, n, c, kv_type)] = MemoryReport(opened - before, kv,
                                                          max(0, peak - opened - kv), at_least)
 
     for reached in _walk(engine, min(end, engine.n_ctx), chunk,

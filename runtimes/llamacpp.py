@@ -22,13 +22,23 @@ import numpy as np
 
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
-from runtimes.base import MemoryReport, Sizing, TokenizerInfo, default_threads, require_cpu, rss
+from runtimes.base import (
+    MemoryReport,
+    Sizing,
+    TokenizerInfo,
+    check_kv_type,
+    default_threads,
+    require_cpu,
+    rss,
+)
 from runtimes.ggufinfo import GGUFInfo, read_gguf
 
 try:
     import llama_cpp as llm
 except ImportError:  # pragma: no cover - exercised only without the gguf extra
     llm = None
+
+_GGML_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type of each KV precision offered
 
 
 class _LogCapture:
@@ -82,6 +92,8 @@ class LlamaCppBackend:
     name = "llamacpp"
     build = f"llama-cpp-python {llm.__version__}" if llm else "llama-cpp-python (missing)"
     budget_options: ClassVar[dict] = {}  # its estimate is a dry run of the same load
+    # K only: a quantized V cache needs flash attention, which is off for exactness
+    kv_types: ClassVar[tuple[str, ...]] = ("f16", "q8_0")
 
     def __init__(
         self,
@@ -91,11 +103,16 @@ class LlamaCppBackend:
         threads: int | None = None,
         max_tree_nodes: int = 64,
         prefill_chunk: int = 64,
+        kv_type: str = "f16",
         device: str | None = None,
     ) -> None:
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
         require_cpu(device, "llama.cpp")
+        check_kv_type(kv_type, self)
+        self.kv_type = kv_type
+        if kv_type != self.kv_types[0]:  # a saved profile's exactness holds for its cache type
+            self.build = f"{type(self).build}, K cache {kv_type}"
         header = rss()
         self.info: GGUFInfo = read_gguf(path)
         parsed = max(0, rss() - header)  # the header as Python objects: Gemma's 262k tokens
@@ -108,7 +125,7 @@ class LlamaCppBackend:
         tables = _heap_in_use() - before  # the tensors are mapped, not allocated
         capacity = max(prefill_chunk, max_tree_nodes)  # tokens per llama_decode: a chunk or a tree
         self._ctx = _new_context(self._model, self._log, n_ctx=n_ctx, n_batch=capacity,
-                                 n_seq=max_tree_nodes, threads=self.threads)
+                                 n_seq=max_tree_nodes, threads=self.threads, kv_type=kv_type)
         self._vocab = llm.llama_model_get_vocab(self._model)
         self._mem = llm.llama_get_memory(self._ctx)
         self.vocab_size = llm.llama_vocab_n_tokens(self._vocab)
@@ -146,10 +163,11 @@ class LlamaCppBackend:
         reports = []
         try:
             for sizing in sizings:
+                check_kv_type(sizing.kv_type, cls)
                 log.clear()
                 ctx = _new_context(model, log, n_ctx=sizing.n_ctx, n_seq=sizing.max_tree_nodes,
                                    n_batch=max(sizing.prefill_chunk, sizing.max_tree_nodes),
-                                   threads=1)
+                                   threads=1, kv_type=sizing.kv_type)
                 llm.llama_free(ctx)
                 reports.append(_logged_memory(model, log, parsed + tables))
         finally:
@@ -343,11 +361,12 @@ def _load_model(path: Path, log: _LogCapture, *, no_alloc: bool = False) -> llm.
 
 
 def _new_context(model: llm.llama_model_p, log: _LogCapture, *, n_ctx: int, n_batch: int,
-                 n_seq: int, threads: int) -> llm.llama_context_p:
-    """A context whose batches hold ``n_batch`` tokens in up to ``n_seq`` branches; frees
-    ``model`` if llama.cpp refuses."""
+                 n_seq: int, threads: int, kv_type: str) -> llm.llama_context_p:
+    """A context whose batches hold ``n_batch`` tokens in up to ``n_seq`` branches, its K
+    cache in ``kv_type``; frees ``model`` if llama.cpp refuses."""
     params = llm.llama_context_default_params()
     params.n_ctx = n_ctx
+    params.type_k = _GGML_TYPES[kv_type]
     params.n_batch = params.n_ubatch = n_batch
     params.n_seq_max = n_seq
     params.kv_unified = True  # branches share the context's cells instead of copies

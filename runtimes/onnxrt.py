@@ -40,7 +40,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import onnx as spec
-from runtimes.base import default_threads
+from runtimes.base import check_kv_type, default_threads
 from runtimes.slots import SlotBackend, require_inputs
 
 try:
@@ -138,6 +138,7 @@ class OnnxBackend(SlotBackend):
         export_dir: str | Path | None = None,
         batch_invariant: bool = True,
         lean_heap: bool = False,
+        kv_type: str = "f32",
         device: str | None = None,
     ) -> None:
         """Open an edgespec ONNX export (its directory or its ``model.onnx``).
@@ -150,6 +151,8 @@ class OnnxBackend(SlotBackend):
         """
         if ort is None:
             raise UserError("the ONNX backend needs onnxruntime; install edgespec[onnx]")
+        check_kv_type(kv_type, self)  # the graph's cache inputs are float32
+        self.kv_type = kv_type
         present = ort.get_available_providers()
         if device is not None:
             provider = provider_for(device, present)

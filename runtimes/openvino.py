@@ -51,9 +51,10 @@ buffers; bench peak RSS 566 → 888 MiB), of which :meth:`memory` counts the wei
 again. Plain decoding never makes it, and ``tree_graph=False`` keeps one compiled model.
 
 KV precision: ``f32`` buffers, or ``f16`` (half the memory; OpenVINO converts at the
-graph's edge). OpenVINO's own ``KV_CACHE_PRECISION`` (u8, grouped) applies to caches that
-live *inside* a stateful model; this cache lives in the runtime's buffers, so u8 is not
-offered.
+graph's edge). f16 is not exact: a tree attends to its own rows in f32, where plain
+decoding reads them back rounded, so a memory plan never chooses it. OpenVINO's own
+``KV_CACHE_PRECISION`` (u8, grouped) applies to caches that live *inside* a stateful
+model; this cache lives in the runtime's buffers, so u8 is not offered.
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ KV_BLOCK = 16  # every call attends over a multiple of this many slots (module d
 TREE_BUCKET = 8  # trees are padded to 8, 16, 32… rows (module docstring)
 
 
-def _read(core: ov.Core, path: Path, kv_precision: str) -> ov.Model:
+def _read(core: ov.Core, path: Path, kv_type: str) -> ov.Model:
     """The IR with its K/V ports in the buffers' dtype; refuses a graph not made for trees."""
     try:
         model = core.read_model(path)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
         raise UserError(f"OpenVINO cannot read {path}: {e}") from e
     require_inputs(path, {name for port in model.inputs for name in port.get_names()}, spec)
-    if kv_precision == "f32":
+    if kv_type == "f32":
         return model
     ppp = ov.preprocess.PrePostProcessor(model)
     for port in model.inputs:
@@ -199,7 +200,7 @@ class OpenVinoBackend(SlotBackend):
         n_ctx: int = 4096,
         threads: int | None = None,
         device: str = "CPU",
-        kv_precision: str = "f32",
+        kv_type: str = "f32",
         precision: str | None = "f32",
         max_tree_nodes: int = 64,
         prefill_chunk: int = 256,
@@ -218,13 +219,14 @@ class OpenVinoBackend(SlotBackend):
         speculation (no padding; an accepted non-best branch's rows are moved, not
         recomputed). ``tree_graph=False`` verifies trees on the single-token model instead
         of a second compiled copy (less memory, slower speculation: module docstring).
+        ``kv_type="f16"`` halves the KV buffers but is not exact (module docstring).
         ``properties`` go to ``compile_model`` on top of the defaults. ``lean_heap``: large
         buffers straight from the OS (:meth:`_opening`).
         """
         if ov is None:
             raise UserError("the OpenVINO backend needs openvino; install edgespec[openvino]")
-        if kv_precision not in KV_PRECISIONS:
-            raise UserError(f"unknown KV precision {kv_precision!r}; choose one of "
+        if kv_type not in KV_PRECISIONS:
+            raise UserError(f"unknown KV precision {kv_type!r}; choose one of "
                             f"{', '.join(KV_PRECISIONS)}")
         self._core = ov.Core()
         device = device.upper()
@@ -233,7 +235,7 @@ class OpenVinoBackend(SlotBackend):
         self.threads = threads or default_threads()
         self._config = {"PERFORMANCE_HINT": "LATENCY"} | _device_config(
             device, present, self.threads, precision) | (properties or {})
-        self.device, self.kv_precision = device, kv_precision
+        self.device, self.kv_type = device, kv_type
         self.batch_invariant = batch_invariant
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self._tree_graph = tree_graph
@@ -270,14 +272,14 @@ class OpenVinoBackend(SlotBackend):
         return (list(tokens) + [tokens[-1]] * extra, list(depth) + [depth[-1]] * extra, padded)
 
     def _open_graph(self, path: Path) -> _Graph:
-        model = _read(self._core, path, self.kv_precision)
+        model = _read(self._core, path, self.kv_type)
         return _Graph(self._core.compile_model(model, self.device, self._config))
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""
         self.capacity = self._capacity(self.n_ctx, self.max_tree_nodes)
         shape = (2, self.n_layer, n_kv, self.capacity, head_dim)
-        dtype = KV_PRECISIONS[self.kv_precision]
+        dtype = KV_PRECISIONS[self.kv_type]
         self._kv = _lazy_zeros(shape, dtype)  # one array: a call's new rows land in one copy
         self._k = [self._kv[0, i : i + 1] for i in range(self.n_layer)]
         self._v = [self._kv[1, i : i + 1] for i in range(self.n_layer)]

@@ -27,7 +27,7 @@ import numpy as np
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from runtimes import reference_ops as ops
-from runtimes.base import MemoryReport, Sizing, TokenizerInfo, require_cpu
+from runtimes.base import MemoryReport, Sizing, TokenizerInfo, check_kv_type, require_cpu
 from runtimes.ggufinfo import read_gguf
 from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_tokenizer
 from runtimes.weights import (
@@ -81,6 +81,8 @@ class ReferenceBackend:
     name = "reference"
     build = f"numpy {np.__version__}"
     budget_options: ClassVar[dict] = {}  # no budget: it has no estimate
+    kv_types: ClassVar[tuple[str, ...]] = ("f32",)
+    kv_type = "f32"
     prefill_chunk = 256  # numpy is batch-invariant here: the size only bounds a call's memory
 
     def __init__(
@@ -91,6 +93,7 @@ class ReferenceBackend:
         threads: int | None = None,
         batch_invariant: bool = True,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        kv_type: str = "f32",
         device: str | None = None,
     ) -> None:
         """Load a GGUF file or HF folder, refusing it if its float32 weights exceed the budget.
@@ -99,6 +102,7 @@ class ReferenceBackend:
         when installed): on a busy 2-core device an uncapped pool can make a step 10× slower.
         """
         require_cpu(device, "reference")
+        check_kv_type(kv_type, self)
         path = Path(model_path)
         if not path.exists():
             raise UserError(f"model not found: {path}")

@@ -95,6 +95,7 @@ class SlotBackend:
     # the estimate walks the context on a lean heap (runtimes.base.lean_heap): without it
     # the RSS also depends on how the calls came, which no estimate can bound
     budget_options: ClassVar[dict] = {"lean_heap": True}
+    kv_types: ClassVar[tuple[str, ...]] = ("f32",)
 
     _k: list[np.ndarray]
     _v: list[np.ndarray]

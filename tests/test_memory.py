@@ -41,10 +41,16 @@ def test_the_estimate_is_what_loading_allocates(model: str) -> None:
     """llama.cpp sizes the buffers without allocating them (no_alloc); loading then
     allocates exactly that, and reports it through the same contract."""
     path = resolve_model(model)
-    sizings = [Sizing(300, 4, 16), Sizing(2048, 16, 64)]
-    for sizing, estimate in zip(sizings, LlamaCppBackend.estimate_memory(path, sizings)):
+    sizings = [Sizing(300, 4, 16, "f16"), Sizing(2048, 16, 64, "f16"),
+               Sizing(2048, 16, 64, "q8_0")]
+    estimates = LlamaCppBackend.estimate_memory(path, sizings)
+    # a q8_0 K cache: 34 bytes per 32 values where f16 takes 64, V stays f16
+    assert estimates[2].kv_cache == pytest.approx(estimates[1].kv_cache * (34 / 64 + 1) / 2,
+                                                  rel=1e-3)  # llama.cpp logs MiB to 2 places
+    for sizing, estimate in zip(sizings, estimates):
         backend = LlamaCppBackend(path, n_ctx=sizing.n_ctx, max_tree_nodes=sizing.max_tree_nodes,
-                                  prefill_chunk=sizing.prefill_chunk, threads=1)
+                                  prefill_chunk=sizing.prefill_chunk, kv_type=sizing.kv_type,
+                                  threads=1)
         try:
             live = backend.memory()
         finally:
@@ -75,20 +81,30 @@ def test_the_contract_matches_the_resident_memory_it_claims() -> None:
 def test_plans_give_up_context_first_and_speculation_last(smollm_path: Path) -> None:
     def planned(budget: int):
         return plan(budget, smollm_path, "llamacpp", draft="fused", ctx=4096, min_ctx=512,
-                    tree_size=16, baseline=100 * MB)
+                    tree_size=16, kv_types=("f16", "q8_0"), baseline=100 * MB)
 
     planned(10**10)  # the first plan in a process also measures llama.cpp's one-time setup
     roomy = planned(10**10)
-    assert (roomy.ctx, roomy.max_tree_nodes, roomy.recycling_k, roomy.draft) == (
-        4096, 16, 4, "fused")
+    assert (roomy.ctx, roomy.max_tree_nodes, roomy.recycling_k, roomy.draft, roomy.kv_type) == (
+        4096, 16, 4, "fused", "f16")
     assert roomy.minimum < roomy.speculation_minimum < roomy.total <= roomy.budget
-    previous = roomy
-    for budget in range(roomy.total - MB, roomy.minimum + MB, -8 * MB):
+    previous, order, budget = roomy, [], roomy.total - MB
+    while budget > roomy.minimum + 2 * MB:  # megabyte steps once the smallest context is left
         p = planned(budget)
         assert p.total <= budget and p.ctx >= 512
-        assert (p.max_tree_nodes, p.ctx) <= (previous.max_tree_nodes, previous.ctx)
+        # a leaner K cache may win back context, never a larger tree
+        assert p.max_tree_nodes <= previous.max_tree_nodes
+        order += [what for what, given_up in (("context", p.ctx < 4096),
+                                              ("kv", p.kv_type == "q8_0"),
+                                              ("recycling", p.recycling_k < 4),
+                                              ("tree", p.max_tree_nodes < 16))
+                  if given_up and what not in order]
         previous = p
+        budget -= 8 * MB if p.ctx > 512 else MB
     assert previous.ctx == 512  # context went first
+    # then the K cache's precision, before the tree (the recycling table's few hundred
+    # kilobytes fall between megabyte steps or not)
+    assert order[:2] == ["context", "kv"] and "tree" in order, order
     # (the host tables are measured per plan: boundaries hold to a megabyte)
     assert planned(roomy.speculation_minimum + MB).max_tree_nodes > 1
     with pytest.raises(UserError, match="the least is 2[0-9][0-9] MB"):
@@ -101,7 +117,7 @@ def test_a_plan_keeps_only_trees_the_profile_says_can_pay(smollm_path: Path) -> 
     exact_at_six = BackendProfile(backend="llamacpp", build="b", threads=1, exact=6,
                                   cost={300: {1: 0.01, 2: 0.011, 4: 0.013, 8: 0.02, 16: 0.04}})
     p = plan(10**10, smollm_path, "llamacpp", draft="fused", ctx=2048, min_ctx=512,
-             tree_size=16, profile=exact_at_six, baseline=0)
+             tree_size=16, kv_types=("f16",), profile=exact_at_six, baseline=0)
     assert p.max_tree_nodes == 4  # the largest planned size within the 6 verified exactly
 
 
@@ -111,7 +127,7 @@ def test_generation_stays_under_the_budget(model: str, tmp_path: Path) -> None:
     the output of plain decoding in the same budget (a plan never changes the text)."""
     path = resolve_model(model)
     floor = plan(10**10, path, "llamacpp", draft="fused", ctx=1024, min_ctx=512,
-                 tree_size=16).minimum
+                 tree_size=16, kv_types=("f16", "q8_0")).minimum
     budget = floor + 40 * MB
     texts = []
     for draft in ("fused", "none"):

@@ -54,7 +54,7 @@ def ids(backend: OpenVinoBackend) -> list[int]:
 def test_f16_kv_buffers_stay_close_and_take_half_the_memory(exported: Path, backend,
                                                             ids) -> None:
     half = OpenVinoBackend(exported, n_ctx=128, threads=1, max_tree_nodes=16,
-                           kv_precision="f16")
+                           kv_type="f16")
     results = []
     for b in (backend, half):
         b.truncate(0)
@@ -81,7 +81,7 @@ def test_virtual_devices_run_and_stay_exact(exported: Path, backend: OpenVinoBac
     ({"device": "NPU9"}, "device NPU9 is not available; present: .*CPU"),
     ({"device": "AUTO:GPU,CPU"}, "device GPU is not available"),
     ({"device": "HETERO"}, "HETERO needs its devices"),
-    ({"kv_precision": "u8"}, "unknown KV precision 'u8'"),
+    ({"kv_type": "u8"}, "unknown KV precision 'u8'"),
 ])
 def test_bad_options_are_user_errors(exported: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
