@@ -96,6 +96,7 @@ class BenchOptions:
     tree_size: int | None = None
     profile: str = "saved"  # speculative configs with the saved device profile, probing, both
     budgets: list[str] = field(default_factory=list)  # memory budgets, each a set of configs
+    kv_types: list[str] = field(default_factory=list)  # KV precisions, each a set of configs
     out: Path = Path("bench-out")
 
 
@@ -443,13 +444,16 @@ def divergences(engine: Engine, rows: list[Measurement], configs: set[str] | Non
 
 def build_configs(options: BenchOptions, backends: list[str],
                   min_ctx: int = 512) -> tuple[list[Config], dict]:
-    """edgespec's (backend, draft) pairs, baseline first, then each memory budget's (every
-    plan holding ``min_ctx`` tokens), then the installed peers."""
+    """edgespec's (backend, draft) pairs, baseline first, then each fixed KV precision's,
+    each memory budget's (every plan holding ``min_ctx`` tokens), then the installed peers."""
     drafts = ["none", *(d for d in options.drafts if d != "none")]
     saved = {"saved": [True], "probe": [False], "both": [True, False]}[options.profile]
     configs = [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
                                saved_profile=use)
                for b in backends for d in drafts for use in (saved if d != "none" else [True])]
+    configs += [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
+                                kv_type=kv_type)
+                for kv_type in options.kv_types for b in backends for d in drafts]
     configs += [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
                                 memory_budget=budget, min_ctx=min_ctx)
                 for budget in options.budgets for b in backends for d in drafts]

@@ -312,6 +312,9 @@ def bench(
     memory_budget: Annotated[str | None, typer.Option(
         "--memory-budget", help="Budgets a,b,… : each adds every draft under that budget "
         "(label <draft>@<budget>), with peak RSS and speed in a memory table.")] = None,
+    kv_type: Annotated[str | None, typer.Option(
+        "--kv-type", help="KV precisions a,b,… : each adds every draft with its KV cache in "
+        "that precision (label <draft>+kv-<type>).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.")] = Path("bench-out"),
 ) -> None:
     """edgespec's drafters and peer engines, interleaved in one run, per prompt category."""
@@ -330,7 +333,7 @@ def bench(
             categories=categories.split(",") if categories else None, limit=limit,
             repeat=repeat, threads=threads, ctx=ctx_size, tree_size=tree_size,
             backends=backend.split(","), peers=peers, profile=profile, out=out,
-            budgets=budgets,
+            budgets=budgets, kv_types=kv_type.split(",") if kv_type else [],
         )
         run_bench(options)
     except UserError as e:
