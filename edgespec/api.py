@@ -321,10 +321,11 @@ def load(
     never profiled (the bench compares the two).
     ``memory_budget`` (``"400MB"``, ``"1GiB"`` or bytes) caps the process's peak memory:
     the planner (:mod:`edgespec.memory`) sets the context (at least ``min_ctx`` tokens, at
-    most ``ctx``), the KV precision, the tree size and the drafter's table to fit it,
-    fastest first, and ``Engine.plan`` says what it chose.
-    ``kv_type``: the KV cache's precision (llama.cpp: ``f16`` or ``q8_0`` for K; the
-    backend's ``kv_types``), fixed by hand instead of planned.
+    most ``ctx``), the tree size and the drafter's table to fit it, fastest first, and
+    ``Engine.plan`` says what it chose.
+    ``kv_type``: the KV cache's precision (llama.cpp: ``f16``, or ``q8_0`` for a K cache
+    23% smaller, still exact for speculation; default: the backend's first ``kv_types``).
+    Unlike the planned knobs it changes the text, so a budget never picks it.
     """
     if ctx < 16:
         raise UserError(f"the context size must be at least 16 tokens (got {ctx})")
@@ -334,11 +335,13 @@ def load(
     name = runtimes.backend_for(path, backend)
     tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
     saved = _saved_profile(path, name, threads) if saved_profile else None
-    kv_types = runtimes.backend_class(name).kv_types if kv_type is None else (kv_type,)
+    exact_kv = runtimes.backend_class(name).kv_types
+    kv_type = exact_kv[0] if kv_type is None else kv_type
     plan = None if memory_budget is None else memory.plan(
         memory.parse_size(memory_budget), path, name, draft=draft, ctx=ctx,
-        min_ctx=min(min_ctx, ctx), tree_size=tree_size, kv_types=kv_types, profile=saved)
-    options = {"n_ctx": ctx, "threads": threads, "kv_type": kv_types[0]}
+        min_ctx=min(min_ctx, ctx), tree_size=tree_size, kv_type=kv_type,
+        other_kv_types=tuple(kv for kv in exact_kv if kv != kv_type), profile=saved)
+    options = {"n_ctx": ctx, "threads": threads, "kv_type": kv_type}
     if plan is not None:
         options.update(plan.backend_options, **runtimes.backend_class(name).budget_options)
         draft, tree_size = plan.draft, plan.max_tree_nodes

@@ -13,9 +13,10 @@ runtime, are measured once in a child process (:mod:`runtimes.footprint`).
 What is given up, in order, keeps the most decode speed: tree nodes no verify could pay
 for on this device or none verifies exactly (from its saved profile) are never planned;
 then context beyond what the caller needs (a smaller cache is, if anything, faster), the
-prefill batch (only the first token waits longer), the KV cache's precision (among those
-the backend verifies exactly: llama.cpp's q8_0 K cache), the recycling table, tree size,
-and last speculation itself.
+prefill batch (only the first token waits longer), the recycling table, tree size, and
+last speculation itself. The KV cache's precision is not given up: a leaner cache changes
+the text, and a budget never does. It is the caller's choice (``kv_type``), and a budget
+too small for it names what a leaner one would need.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Plan:
     ctx: int
     max_tree_nodes: int  # 1: plain decoding (no drafter)
     prefill_chunk: int  # tokens per prefill call: the engine's batch buffers scale with it
-    kv_type: str  # the KV cache's precision, one of the backend's kv_types
+    kv_type: str  # the KV cache's precision, as the caller chose it
     recycling_k: int  # 0: no recycling table
     draft: str
     components: tuple[Component, ...]
@@ -116,13 +117,14 @@ def useful_tree_size(profile: BackendProfile | None) -> int:
 
 
 def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ctx: int,
-         tree_size: int, kv_types: tuple[str, ...], profile: BackendProfile | None = None,
-         baseline: int | None = None) -> Plan:
+         tree_size: int, kv_type: str, other_kv_types: tuple[str, ...] = (),
+         profile: BackendProfile | None = None, baseline: int | None = None) -> Plan:
     """The fastest configuration of ``model`` on ``backend`` whose peak RSS stays within
     ``budget``: context between ``min_ctx`` and ``ctx`` tokens, trees of at most
-    ``tree_size`` nodes, the KV cache in one of ``kv_types`` (preferred first).
-    ``baseline``: the process's memory before loading (now, if None). A budget that cannot
-    hold the model is refused, naming the least that can.
+    ``tree_size`` nodes, the KV cache in ``kv_type``. ``baseline``: the process's memory
+    before loading (now, if None). A budget that cannot hold the model is refused, naming
+    the least that can, and what the KV precisions in ``other_kv_types`` would need if
+    less.
 
     The engine's own part comes from the backend's estimate at the smallest and the
     largest context; in between it is interpolated (its buffers grow linearly or, where
@@ -130,8 +132,9 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     and the choice is then estimated exactly.
     """
     low, high = _round_ctx(min(min_ctx, ctx)), _round_ctx(ctx)
-    options = _options(draft, min(tree_size, useful_tree_size(profile)), kv_types)
-    sizings = sorted({o.sizing(c) for o in options for c in (low, high)},
+    options = _options(draft, min(tree_size, useful_tree_size(profile)), kv_type)
+    alternatives = [replace(options[-1], kv=kv) for kv in other_kv_types]  # named if refused
+    sizings = sorted({o.sizing(c) for o in [*options, *alternatives] for c in (low, high)},
                      key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk, z.kv_type))
     baseline = psutil.Process().memory_info().rss if baseline is None else baseline
     limit = budget - baseline  # what an estimate that runs the engine may hold
@@ -169,21 +172,24 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
                             _components(baseline, report, used, option, vocab),
                             minimum, speculation_minimum)
     least_text = f"the least is {_mb(minimum)}" if minimum else "it needs more"
+    for alternative in alternatives:
+        need = least([alternative])
+        if need is not None and (minimum is None or need < minimum):
+            least_text += f", or {_mb(need)} with --kv-type {alternative.kv}"
     raise UserError(f"a memory budget of {_mb(budget)} cannot hold {model.name} with a "
                     f"{low}-token context on {backend}; {least_text} (--memory-budget)")
 
 
-def _options(draft: str, cap: int, kv_types: tuple[str, ...]) -> list[_Option]:
+def _options(draft: str, cap: int, kv: str) -> list[_Option]:
     """From fastest to leanest, giving up first what costs decode speed least: the prefill
-    batch (only the first token waits longer), then the KV precision (q8_0 K: ~2% per
-    step), then the recycling table, then tree size; plain decoding last."""
+    batch (only the first token waits longer), then the recycling table, then tree size;
+    plain decoding last."""
     drafters = {"fused": [(k, "fused") for k in RECYCLING_K] + [(0, "lookup")],
                 "recycling": [(k, "recycling") for k in RECYCLING_K],
                 "lookup": [(0, "lookup")]}.get(draft, [])
     shapes = [(nodes, k, name) for nodes in TREE_SIZES if nodes <= cap for k, name in drafters]
     return [_Option(nodes, chunk, kv, k, name)
-            for nodes, k, name in [*shapes, (1, 0, "none")]
-            for kv in kv_types for chunk in _chunks(nodes)]
+            for nodes, k, name in [*shapes, (1, 0, "none")] for chunk in _chunks(nodes)]
 
 
 def _chunks(nodes: int) -> list[int]:

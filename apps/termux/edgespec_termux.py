@@ -1,10 +1,11 @@
-"""edgespec on a phone: a terminal chat sized to the memory the phone has free.
+"""edgespec on a phone: a terminal chat within the memory the phone has free.
 
 It imports only what installs on Termux (no torch, no ``tokenizers``: the vocabulary is
-read from the GGUF by llama.cpp). Before loading, it picks the largest context whose KV
-cache, with the model's weights, fits in half the RAM Android reports available
-(psutil may be refused there: /proc/meminfo, then 1 GiB, are the fallbacks). After each
-answer a status line gives tokens/s, tokens per step and memory. Runs on Linux too.
+read from the GGUF by llama.cpp). Its memory budget is half the RAM Android reports
+available (psutil may be refused there: /proc/meminfo, then 1 GiB, are the fallbacks);
+the memory planner fits the context, KV precision, tree and drafter into it, since an app
+over its share is killed, not slowed. After each answer a status line gives tokens/s,
+tokens per step and the peak memory against the budget. Runs on Linux too.
 
     python apps/termux/edgespec_termux.py [MODEL.gguf] [--share 0.5]
 """
@@ -20,10 +21,10 @@ from edgespec.chat_cli import HELP, ChatSession, chat_loop
 from edgespec.device import device_facts
 from edgespec.engine import peak_rss_bytes
 from edgespec.errors import UserError
+from edgespec.memory import Plan
 from edgespec.models import resolve_model
-from runtimes.ggufinfo import read_gguf
 
-CONTEXTS = (8192, 4096, 2048, 1024, 512)
+MOST_CTX = 8192  # the planner gives up context first, down to 512 tokens
 
 
 def available_bytes() -> int:
@@ -40,18 +41,11 @@ def available_bytes() -> int:
     return 2**30
 
 
-def plan(model: Path, budget: int) -> tuple[int, str]:
-    """The largest context whose KV cache fits the budget beside the weights."""
-    info = read_gguf(model)
-    weights, per_token = model.stat().st_size, info.kv_bytes_per_token()
-    for ctx in CONTEXTS:
-        if weights + ctx * per_token <= budget:
-            return ctx, (f"budget {budget / 2**20:.0f} MiB: weights {weights / 2**20:.0f} MiB "
-                         f"+ KV {ctx} tokens x {per_token / 1024:.0f} KiB = "
-                         f"{(weights + ctx * per_token) / 2**20:.0f} MiB")
-    raise UserError(f"{model.name} needs {(weights + CONTEXTS[-1] * per_token) / 2**20:.0f} MiB "
-                    f"for a {CONTEXTS[-1]}-token context; {budget / 2**20:.0f} MiB is the "
-                    "budget here: close other apps or pick a smaller model")
+def describe(plan: Plan) -> str:
+    drafter = "plain decoding" if plan.max_tree_nodes == 1 else (
+        f"{plan.draft} trees of {plan.max_tree_nodes}")
+    return (f"context {plan.ctx}, {plan.kv_type} KV, {drafter}: {plan.total / 2**20:.0f} of "
+            f"{plan.budget / 2**20:.0f} MiB planned")
 
 
 class PhoneChat(ChatSession):
@@ -80,12 +74,12 @@ def main() -> None:
             raise UserError(f"--share must be in (0, 1] (got {args.share})")
         model = resolve_model(args.model)
         budget = int(available_bytes() * args.share)
-        ctx, why = plan(model, budget)
-        print(f"edgespec: {model.name}, context {ctx} ({why})", file=sys.stderr)
-        if sys.stdin.isatty():
-            print(HELP, file=sys.stderr)
-        with edgespec.load(model, ctx=ctx) as engine:
-            chat_loop(PhoneChat(engine, system=None, max_tokens=min(512, ctx // 4),
+        with edgespec.load(model, ctx=MOST_CTX, memory_budget=budget) as engine:
+            assert engine.plan is not None
+            print(f"edgespec: {model.name}, {describe(engine.plan)}", file=sys.stderr)
+            if sys.stdin.isatty():
+                print(HELP, file=sys.stderr)
+            chat_loop(PhoneChat(engine, system=None, max_tokens=min(512, engine.plan.ctx // 4),
                                 budget=budget))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,11 @@ class Config:
 
 
 def plain_of(label: str) -> str:
-    """The label of plain decoding on the engine of configuration ``label``."""
-    return f"{label.split(':')[0]}:{PLAIN}"
+    """The label of plain decoding on the engine of configuration ``label`` (with its KV
+    precision: a fixed one changes the numerics; a budget does not)."""
+    engine, _, variant = label.partition(":")
+    kv = re.search(r"\+kv-[^@+]+", variant)
+    return f"{engine}:{PLAIN}{kv.group(0) if kv else ''}"
 
 
 @dataclass(frozen=True)
