@@ -425,6 +425,9 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
     queue: Annotated[int, typer.Option("--queue", help="Most requests waiting.")] = 8,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", help="Seconds a request may take, queueing included (504 "
+        "beyond).")] = 600.0,
     max_tokens_cap: Annotated[int | None, typer.Option(
         "--max-tokens-cap", help="Largest max_tokens a request may ask (default: -c).")] = None,
     api_key: Annotated[str | None, typer.Option(
@@ -454,6 +457,8 @@ def serve(
             raise UserError(f"--max-tokens-cap must be at least 1 (got {max_tokens_cap})")
         if not 0 < port < 65536:
             raise UserError(f"--port must be between 1 and 65535 (got {port})")
+        if not request_timeout > 0:
+            raise UserError(f"--request-timeout must be positive (got {request_timeout})")
         if api_key is not None and not api_key.strip():
             raise UserError("--api-key is empty")
         sock = server.bind(host, port)
@@ -464,7 +469,8 @@ def serve(
                   kv_type=kv_type) as engine:
             model_id = Path(name).stem if name is not None else default_model_path().stem
             server.serve(engine, sock, model_id=model_id, queue_size=queue,
-                         max_tokens_cap=max_tokens_cap, api_key=api_key)
+                         max_tokens_cap=max_tokens_cap, api_key=api_key,
+                         request_timeout_s=request_timeout)
     except UserError as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:

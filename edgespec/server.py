@@ -2,8 +2,9 @@
 
 An engine runs one generation at a time, so requests wait in a bounded FIFO queue (429
 with Retry-After beyond it) and a single worker thread runs them off the event loop. Every
-request has its own cancel event: a client that disconnects, or reads its stream so slowly
-that its bounded buffer fills, stops its own generation and nobody else's.
+request has its own cancel event: a client that disconnects, reads its stream so slowly
+that its bounded buffer fills, or outlasts the request timeout (queueing included: one
+runaway request must not hold the queue), stops its own generation and nobody else's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from edgespec.errors import Cancelled, UserError
 MAX_BODY = 1 << 20  # bytes; far more than a prompt that fits the context
 STREAM_BUFFER = 256  # text pieces a streaming client may fall behind before it is dropped
 RETRY_AFTER_S = 2
+REQUEST_TIMEOUT_S = 600.0  # llama.cpp's server default
 FINISH = {"stop": "stop", "length": "length", "context": "length"}  # ours → OpenAI's
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: one log for the server
@@ -131,6 +133,14 @@ class Job:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     overflowed: bool = False
+    timed_out: bool = False
+    timer: threading.Timer | None = None  # the request timeout, from admission on
+
+    def expire(self) -> None:
+        """From the timer's thread: out of time. Answered now, even while still queued."""
+        self.timed_out = True
+        self.cancel.set()
+        self.send(Cancelled("request timeout"))
 
     def send(self, item: object) -> None:
         """From the worker thread: a text piece, or the final result or exception."""
@@ -150,8 +160,8 @@ class Job:
 class Worker:
     """Runs jobs on one thread so that the event loop stays free to accept and stream."""
 
-    def __init__(self, engine: Engine, queue_size: int) -> None:
-        self.engine, self.queue_size = engine, queue_size
+    def __init__(self, engine: Engine, queue_size: int, timeout_s: float) -> None:
+        self.engine, self.queue_size, self.timeout_s = engine, queue_size, timeout_s
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # admitted and not finished: the running job plus those waiting
@@ -173,6 +183,9 @@ class Worker:
             if self._pending > self.queue_size:
                 return False
             self._pending += 1
+        job.timer = threading.Timer(self.timeout_s, job.expire)
+        job.timer.daemon = True
+        job.timer.start()
         self._jobs.put(job)
         return True
 
@@ -184,6 +197,8 @@ class Worker:
         while (job := self._jobs.get()) is not None:
             self._current = job
             outcome = self._generate(job)
+            if job.timer is not None:
+                job.timer.cancel()
             self._current = None
             with self._lock:  # free the slot before answering: a client may resend at once
                 self._pending -= 1
@@ -202,7 +217,8 @@ class Worker:
                 pieces.close()
             return pieces.result
         except Cancelled as e:
-            why = "client too slow" if job.overflowed else "client gone or shutdown"
+            why = ("client too slow" if job.overflowed else "request timeout" if job.timed_out
+                   else "client gone or shutdown")
             log.info("%s cancelled (%s): %s", job.id, why, e)
             return e
         except UserError as e:
@@ -212,12 +228,15 @@ class Worker:
             return RuntimeError("generation failed")
 
 
-def _outcome(item: object) -> GenerationResult:
+def _outcome(item: object, job: Job) -> GenerationResult:
     """The worker's final item as a result, or the APIError to answer with."""
     if isinstance(item, GenerationResult):
         return item
     if isinstance(item, UserError):
         raise APIError(400, str(item))
+    if isinstance(item, Cancelled) and job.timed_out:
+        raise APIError(504, "the request took longer than this server's request timeout; "
+                       "ask for fewer tokens", type="server_error", code="timeout")
     if isinstance(item, Cancelled):
         raise APIError(503, "the generation was cancelled", type="server_error")
     raise APIError(500, "the generation failed; see the server log", type="server_error")
@@ -226,11 +245,12 @@ def _outcome(item: object) -> GenerationResult:
 # -- the app --------------------------------------------------------------------------------
 
 def create_app(engine: Engine, *, model_id: str, queue_size: int = 8,
-               max_tokens_cap: int | None = None, api_key: str | None = None) -> FastAPI:
+               max_tokens_cap: int | None = None, api_key: str | None = None,
+               request_timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
     """The app serving ``engine`` as ``model_id``; its worker runs while the app does."""
     n_ctx = engine.backend.n_ctx
     cap = n_ctx if max_tokens_cap is None else max_tokens_cap
-    worker = Worker(engine, queue_size)
+    worker = Worker(engine, queue_size, request_timeout_s)
     card = {"id": model_id, "object": "model", "created": int(time.time()),
             "owned_by": "edgespec"}
 
@@ -330,7 +350,7 @@ def create_app(engine: Engine, *, model_id: str, queue_size: int = 8,
         item = await _wait(job, request)
         if item is None:
             return Response(status_code=499)  # the client has gone; nobody reads this
-        result = _outcome(item)
+        result = _outcome(item, job)
         choice = ({"message": {"role": "assistant", "content": result.text}} if chat
                   else {"text": result.text, "logprobs": None})
         return JSONResponse({
@@ -421,7 +441,7 @@ async def _events(job: Job, head: dict, n_prompt: int, chat: bool,
                 yield chunk(item)
                 continue
             try:
-                result = _outcome(item)
+                result = _outcome(item, job)
             except APIError as e:
                 yield _sse(e.body)  # the headers have gone: the error travels as an event
                 return
