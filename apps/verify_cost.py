@@ -16,8 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
+from edgespec.models import open_backend
 from edgespec.profiler import probe_verify_cost
-from runtimes import Backend, open_backend
+from runtimes import Backend
 
 
 def _open(spec: str, threads: int, n_ctx: int) -> tuple[Backend, float]:

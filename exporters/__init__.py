@@ -47,6 +47,21 @@ class DraftSpec:
         raise UserError(f"unknown draft {text!r}; use early-exit:E or quant[:TYPE]")
 
 
+def on_the_fly(backend: str) -> Callable[[Path, Path], Path] | None:
+    """The exporter an engine that runs exports needs for a model that is not one (a GGUF
+    or an HF folder), at its exact default (float32 ONNX, fp16 OpenVINO); None for an engine
+    that reads the model as it is."""
+    if backend == "onnx":
+        from exporters.onnx import export_onnx
+
+        return export_onnx
+    if backend == "openvino":
+        from exporters.openvino import export_openvino
+
+        return export_openvino
+    return None
+
+
 def no_progress(stage: str, done: int, total: int) -> None:
     """The default callback: exports report progress only to a caller that asks for it."""
 

@@ -166,7 +166,8 @@ def _onnx_draft(
     report: Progress,
 ) -> None:
     """The ONNX exporter's output (early exit: full model + exit graph) plus a draft entry."""
-    from exporters.onnx import MANIFEST, export_onnx
+    from exporters.onnx import export_onnx
+    from runtimes.formats import MANIFEST
 
     draft = {key.removeprefix("edgespec.draft."): value for key, value in meta.items()}
     with atomic_output(out, force=force, directory=True) as tmp:

@@ -27,24 +27,14 @@ import gguf
 
 from edgespec.errors import UserError
 from runtimes.base import TokenizerInfo
+from runtimes.formats import MANIFEST, ONNX
 from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_tokenizer
 from runtimes.weights import LlamaWeights, hf_config, load_gguf, load_hf_folder
 
 QUANTS = ("fp32", "int8", "int4")
-MANIFEST = "edgespec.json"
-MODEL_FILE = "model.onnx"
-FORMAT = "edgespec-onnx-decoder"
-FORMAT_VERSION = 1
-EXPORT_HINT = "edgespec export MODEL --to onnx -o OUT"
-# the inputs the runtime feeds; a graph lacking any of them was not made by this exporter
-REQUIRED_INPUTS = ("input_ids", "position_ids", "attn_mask", "logits_rows")
+MODEL_FILE, FORMAT, FORMAT_VERSION = ONNX.model_file, ONNX.name, ONNX.version
 BITS = {"int8": 8, "int4": 4}
 MIN_ROPE_POSITIONS = 4096
-
-
-def manifest_version(meta: dict) -> int:
-    """The format version a manifest records (exports made before versioning are 1)."""
-    return int(meta.get("version", 1))
 
 
 def _load_source(src: Path) -> tuple[LlamaWeights, ByteLevelTokenizer, TokenizerInfo]:

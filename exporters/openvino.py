@@ -27,9 +27,9 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters.atomic import atomic_output
-from exporters.onnx import FORMAT as ONNX_FORMAT
-from exporters.onnx import MANIFEST, MIN_ROPE_POSITIONS, _load_source, _manifest, _write_tokenizer
+from exporters.onnx import MIN_ROPE_POSITIONS, _load_source, _manifest, _write_tokenizer
 from runtimes.base import TokenizerInfo
+from runtimes.formats import MANIFEST, ONNX, OPENVINO
 from runtimes.reference_tokenizer import ByteLevelTokenizer, hf_tokenizer
 from runtimes.weights import LlamaWeights
 
@@ -37,18 +37,7 @@ if TYPE_CHECKING:
     import openvino as ov
 
 QUANTS = ("fp16", "fp32", "int8", "int4")
-MODEL_FILE = "openvino_model.xml"
-FORMAT = "edgespec-openvino-decoder"
-# 2: the graph appends zero K/V rows up to the mask's width (older graphs need padding rows)
-# 3: RoPE in the form OpenVINO's CPU plugin fuses (version 2 graphs ran ~8% slower)
-# 4: attention in the MHA pattern, queries scaled instead of keys (version 3: ~8% slower)
-# 5: K/V windows bound across calls + kv_slots scatter, one new_kv output, group-major
-#    query heads (version 4: ~7% slower plain decoding on the dev prompts)
-# 6: K/V head-major, the whole cache bound once and sliced in the graph (version 5: ~11%
-#    slower on the dev prompts, 25% at 600 cached tokens)
-FORMAT_VERSION = 6
-EXPORT_HINT = "edgespec export MODEL --to openvino -o OUT"
-REQUIRED_INPUTS = ("input_ids", "position_ids", "attn_mask", "logits_rows", "kv_slots")
+MODEL_FILE, FORMAT, FORMAT_VERSION = OPENVINO.model_file, OPENVINO.name, OPENVINO.version
 
 Rope = tuple[np.ndarray, np.ndarray]
 
@@ -61,7 +50,7 @@ def _source(src: Path) -> tuple[LlamaWeights, Rope, ByteLevelTokenizer, Tokenize
         src = src.parent  # an edgespec ONNX export is read with its manifest
     if src.is_dir() and (src / MANIFEST).is_file():
         meta = json.loads((src / MANIFEST).read_text())
-        if meta.get("format") != ONNX_FORMAT:
+        if meta.get("format") != ONNX.name:
             raise UserError(f"{src} is an {meta.get('format')!r} export, not a source "
                             f"this exporter reads (GGUF, HF folder or edgespec ONNX export)")
         from exporters.onnx_weights import read_onnx_export

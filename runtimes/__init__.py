@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgespec.errors import UserError
 from runtimes.base import Backend, MemoryReport, Sizing, TokenizerInfo
+from runtimes.formats import ONNX, OPENVINO
 
 # backend name → (module, class); a new engine is one module plus one line here
 BACKENDS = {
@@ -20,7 +21,7 @@ BACKENDS = {
 }
 _BY_SUFFIX = {".gguf": ("llamacpp", "reference"), ".onnx": ("onnx",), ".xml": ("openvino",)}
 # an export directory names its engine in its manifest (edgespec.json "format")
-_BY_FORMAT = {"edgespec-onnx-decoder": "onnx", "edgespec-openvino-decoder": "openvino"}
+_BY_FORMAT = {ONNX.name: "onnx", OPENVINO.name: "openvino"}
 
 
 def backend_for(path: Path, requested: str = "auto") -> str:

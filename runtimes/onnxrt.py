@@ -33,15 +33,15 @@ of 32 (the default) do not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgespec.errors import UserError
-from exporters import onnx as spec
 from runtimes.base import check_kv_type, default_threads
-from runtimes.slots import SlotBackend, require_inputs
+from runtimes.formats import MANIFEST, ONNX
+from runtimes.slots import Exporter, SlotBackend, require_inputs
 
 try:
     import onnxruntime as ort
@@ -84,7 +84,7 @@ def _session(path: Path, threads: int, provider: str) -> ort.InferenceSession:
         session = ort.InferenceSession(str(path), options, providers=[provider])
     except Exception as e:  # onnxruntime raises its own exception types
         raise UserError(f"onnxruntime cannot load {path}: {e}") from e
-    require_inputs(path, {i.name for i in session.get_inputs()}, spec)
+    require_inputs(path, {i.name for i in session.get_inputs()}, ONNX)
     return session
 
 
@@ -122,8 +122,7 @@ class OnnxBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on ONNX Runtime (in-place KV buffers)."""
 
     name, KIND, SUFFIX, SLOT_AXIS = "onnx", "ONNX", ".onnx", 2
-    MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MANIFEST
-    FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
+    EXPORT, DIR_MARKER = ONNX, MANIFEST
     build = f"onnxruntime {ort.__version__}" if ort else "onnxruntime (missing)"
 
     def __init__(
@@ -135,7 +134,7 @@ class OnnxBackend(SlotBackend):
         max_tree_nodes: int = 64,
         provider: str = "CPUExecutionProvider",
         prefill_chunk: int = 256,
-        export_dir: str | Path | None = None,
+        exporter: Exporter | None = None,
         batch_invariant: bool = True,
         lean_heap: bool = False,
         kv_type: str = "f32",
@@ -143,8 +142,9 @@ class OnnxBackend(SlotBackend):
     ) -> None:
         """Open an edgespec ONNX export (its directory or its ``model.onnx``).
 
-        A GGUF file or HF folder is exported to float32 first, into ``export_dir`` (kept) or
-        a temporary directory removed by :meth:`close`; ``edgespec export`` avoids redoing it.
+        A GGUF file or HF folder is exported first by ``exporter`` (edgespec's loader passes
+        the float32 ONNX one), into a temporary directory :meth:`close` removes;
+        ``edgespec export`` avoids redoing it.
         ``batch_invariant=False`` gives up bit-exact speculation for faster plain steps.
         ``lean_heap``: large buffers straight from the OS (:meth:`_opening`).
         ``device`` (CPU, GPU, NPU, AUTO) picks the execution provider instead of ``provider``.
@@ -159,7 +159,7 @@ class OnnxBackend(SlotBackend):
         if provider not in present:
             raise UserError(f"execution provider {provider} is not available; present: "
                             f"{', '.join(present)}")
-        self.dir, model_file = self._resolve(Path(path), export_dir)
+        self.dir, model_file = self._resolve(Path(path), exporter)
         self.threads = threads or default_threads()
         self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
         self.batch_invariant = batch_invariant
@@ -168,11 +168,6 @@ class OnnxBackend(SlotBackend):
             session = _session(model_file, self.threads, provider)
             self._open_export(self._manifest(), n_ctx)
             self._main = _Graph(session, self._ov_k, self._ov_v, self.vocab_size)
-
-    def _exporter(self) -> Callable[..., Path]:
-        from exporters.onnx import export_onnx
-
-        return export_onnx
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """The KV buffers, once: n_ctx slots plus room for a tree and a draft after it."""

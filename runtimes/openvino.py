@@ -60,15 +60,15 @@ model; this cache lives in the runtime's buffers, so u8 is not offered.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgespec.errors import UserError
-from exporters import openvino as spec
 from runtimes.base import default_threads
-from runtimes.slots import SlotBackend, require_inputs
+from runtimes.formats import OPENVINO
+from runtimes.slots import Exporter, SlotBackend, require_inputs
 
 try:
     import openvino as ov
@@ -86,7 +86,7 @@ def _read(core: ov.Core, path: Path, kv_type: str) -> ov.Model:
         model = core.read_model(path)
     except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
         raise UserError(f"OpenVINO cannot read {path}: {e}") from e
-    require_inputs(path, {name for port in model.inputs for name in port.get_names()}, spec)
+    require_inputs(path, {name for port in model.inputs for name in port.get_names()}, OPENVINO)
     if kv_type == "f32":
         return model
     ppp = ov.preprocess.PrePostProcessor(model)
@@ -189,8 +189,7 @@ class OpenVinoBackend(SlotBackend):
     """The :class:`~runtimes.base.Backend` protocol on OpenVINO (KV in shared numpy buffers)."""
 
     name, KIND, SUFFIX, SLOT_AXIS = "openvino", "OpenVINO", ".xml", 2
-    MODEL_FILE, MANIFEST, DIR_MARKER = spec.MODEL_FILE, spec.MANIFEST, spec.MODEL_FILE
-    FORMAT, FORMAT_VERSION, EXPORT_HINT = spec.FORMAT, spec.FORMAT_VERSION, spec.EXPORT_HINT
+    EXPORT, DIR_MARKER = OPENVINO, OPENVINO.model_file
     build = f"openvino {ov.get_version()}" if ov else "openvino (missing)"
 
     def __init__(
@@ -204,7 +203,7 @@ class OpenVinoBackend(SlotBackend):
         precision: str | None = "f32",
         max_tree_nodes: int = 64,
         prefill_chunk: int = 256,
-        export_dir: str | Path | None = None,
+        exporter: Exporter | None = None,
         batch_invariant: bool = True,
         lean_heap: bool = False,
         tree_graph: bool = True,
@@ -212,8 +211,9 @@ class OpenVinoBackend(SlotBackend):
     ) -> None:
         """Open an edgespec OpenVINO export (its directory or its ``openvino_model.xml``).
 
-        A GGUF file, HF folder or edgespec ONNX export is exported (fp16) first, into
-        ``export_dir`` (kept) or a temporary directory :meth:`close` removes.
+        A GGUF file, HF folder or edgespec ONNX export is exported first by ``exporter``
+        (edgespec's loader passes the fp16 OpenVINO one), into a temporary directory
+        :meth:`close` removes.
         ``precision`` is OpenVINO's INFERENCE_PRECISION_HINT (``f32`` for exact results,
         None for the device's default, e.g. bf16); ``batch_invariant=False`` gives up bit-exact
         speculation (no padding; an accepted non-best branch's rows are moved, not
@@ -231,7 +231,7 @@ class OpenVinoBackend(SlotBackend):
         self._core = ov.Core()
         device = device.upper()
         present = _check_device(device, self._core.available_devices)
-        self.dir, self._model_file = self._resolve(Path(path), export_dir)
+        self.dir, self._model_file = self._resolve(Path(path), exporter)
         self.threads = threads or default_threads()
         self._config = {"PERFORMANCE_HINT": "LATENCY"} | _device_config(
             device, present, self.threads, precision) | (properties or {})
@@ -243,11 +243,6 @@ class OpenVinoBackend(SlotBackend):
         with self._opening(lean_heap):  # the compiled model and tokenizer
             self._main = self._open_graph(self._model_file)  # checks the graph's inputs first
             self._open_export(self._manifest(), n_ctx)
-
-    def _exporter(self) -> Callable[..., Path]:
-        from exporters.openvino import export_openvino
-
-        return export_openvino
 
     def _graph_for(self, rows: int) -> _Graph:
         """Trees go to a second compilation of the model, made on first use (module

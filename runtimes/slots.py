@@ -18,28 +18,25 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
 
 from edgespec.errors import UserError
 from edgespec.tree import TokenTree
-from exporters.onnx import manifest_version
 from runtimes import base, footprint
 from runtimes.base import MemoryReport, Sizing, rss
+from runtimes.formats import MANIFEST, ExportFormat, manifest_version
 from runtimes.reference_tokenizer import hf_tokenizer
 
+Exporter = Callable[[Path, Path], Path]
+"""``exporter(src, out_dir)``: an export of ``src`` in ``out_dir``. The caller (edgespec's
+loader) passes one in, since runtimes never import exporters."""
 
-def export_on_the_fly(src: Path, export_dir: str | Path | None,
-                      export: Callable[..., Path], prefix: str) -> tuple[Path, Path | None]:
-    """``export(src, dir)`` into ``export_dir``, or into a new temporary directory.
 
-    Returns the export and the temporary directory (None if ``export_dir`` was given),
-    which the backend deletes when it closes; a failed export deletes it at once.
-    """
-    if export_dir is not None:
-        return export(src, export_dir), None
+def export_on_the_fly(src: Path, export: Exporter, prefix: str) -> tuple[Path, Path]:
+    """``export(src, dir)`` into a new temporary directory: the export and the directory,
+    which the backend deletes when it closes; a failed export deletes it at once."""
     temp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         return export(src, temp / "model"), temp
@@ -48,13 +45,13 @@ def export_on_the_fly(src: Path, export_dir: str | Path | None,
         raise
 
 
-def require_inputs(path: Path, present: set[str], spec: ModuleType) -> None:
-    """Refuse a graph lacking the inputs ``spec`` (an exporter module) gives its graphs."""
-    missing = [n for n in spec.REQUIRED_INPUTS if n not in present]
+def require_inputs(path: Path, present: set[str], fmt: ExportFormat) -> None:
+    """Refuse a graph lacking the inputs graphs of format ``fmt`` take."""
+    missing = [n for n in fmt.required_inputs if n not in present]
     if missing:
         raise UserError(
             f"{path} lacks the inputs edgespec needs ({', '.join(missing)}): it was not exported "
-            f"for tree verification; export one with `{spec.EXPORT_HINT}`"
+            f"for tree verification; export one with `{fmt.export_hint}`"
         )
 
 
@@ -85,12 +82,8 @@ class SlotBackend:
     name: str
     KIND: str  # the engine's name in messages
     SUFFIX: str  # a model file of this kind
-    MODEL_FILE: str
-    MANIFEST: str
+    EXPORT: ExportFormat
     DIR_MARKER: str  # a directory holding this file is an export of this kind
-    FORMAT: str
-    FORMAT_VERSION: int  # exports of an older version are refused
-    EXPORT_HINT: str
     SLOT_AXIS: int  # the buffers' slot dimension
     # the estimate walks the context on a lean heap (runtimes.base.lean_heap): without it
     # the RSS also depends on how the calls came, which no estimate can bound
@@ -102,10 +95,6 @@ class SlotBackend:
     _resident_weights: int  # what opening the export and its graphs made resident
 
     # -- engine specifics ----------------------------------------------------------------
-
-    def _exporter(self) -> Callable[..., Path]:
-        """The exporter that turns another source into this kind of export."""
-        raise NotImplementedError
 
     def _alloc(self, n_kv: int, head_dim: int) -> None:
         """Create ``_k``, ``_v``, ``capacity`` (:meth:`_capacity`) and ``_row_bytes``."""
@@ -160,34 +149,37 @@ class SlotBackend:
 
     # -- loading -------------------------------------------------------------------------
 
-    def _resolve(self, path: Path, export_dir: str | Path | None) -> tuple[Path, Path]:
-        """The export directory and its model file; exports other sources on the fly."""
+    def _resolve(self, path: Path, exporter: Exporter | None) -> tuple[Path, Path]:
+        """The export directory and its model file; other sources are exported on the fly
+        by ``exporter``, into a temporary directory :meth:`close` removes."""
         self._temp: Path | None = None
         if not path.exists():
             raise UserError(f"model not found: {path}")
         if path.is_file() and path.suffix.lower() == self.SUFFIX:
             return path.parent, path
         if path.is_dir() and (path / self.DIR_MARKER).is_file():
-            return path, path / self.MODEL_FILE
-        out, self._temp = export_on_the_fly(path, export_dir, self._exporter(),
-                                            f"edgespec-{self.name}-")
-        return out, out / self.MODEL_FILE
+            return path, path / self.EXPORT.model_file
+        if exporter is None:
+            raise UserError(f"{path} is not an edgespec {self.KIND} export; make one with "
+                            f"`{self.EXPORT.export_hint}`")
+        out, self._temp = export_on_the_fly(path, exporter, f"edgespec-{self.name}-")
+        return out, out / self.EXPORT.model_file
 
     def _manifest(self) -> dict:
         """The exporter's sidecar: KV shape and special tokens the graph does not carry."""
-        path = self.dir / self.MANIFEST
+        path = self.dir / MANIFEST
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{path} is missing or unreadable ({e}); re-export the model with "
-                            f"`{self.EXPORT_HINT}`") from e
-        if meta.get("format") != self.FORMAT:
+                            f"`{self.EXPORT.export_hint}`") from e
+        if meta.get("format") != self.EXPORT.name:
             raise UserError(f"{path} is not an edgespec {self.KIND} export; "
-                            f"use `{self.EXPORT_HINT}`")
+                            f"use `{self.EXPORT.export_hint}`")
         version = manifest_version(meta)
-        if version < self.FORMAT_VERSION:
+        if version < self.EXPORT.version:
             raise UserError(f"{self.dir} was exported by an older edgespec (format version "
-                            f"{version}); export it again with `{self.EXPORT_HINT}`")
+                            f"{version}); export it again with `{self.EXPORT.export_hint}`")
         return meta
 
     def _open_export(self, meta: dict, n_ctx: int) -> None:
@@ -351,18 +343,18 @@ class SlotBackend:
         path = Path(path)
         if not (path.is_dir() or path.suffix.lower() == cls.SUFFIX):
             raise UserError(f"a memory budget on the {cls.name} backend needs an export; make "
-                            f"one with `{cls.EXPORT_HINT}` and pass its directory")
+                            f"one with `{cls.EXPORT.export_hint}` and pass its directory")
         return footprint.measure(cls.name, cls.build, path, sizings, limit)
 
     @classmethod
     def model_vocab_size(cls, path: str | Path) -> int:
         path = Path(path)
-        manifest = (path if path.is_dir() else path.parent) / cls.MANIFEST
+        manifest = (path if path.is_dir() else path.parent) / MANIFEST
         try:
             return int(json.loads(manifest.read_text())["vocab_size"])
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{manifest} is missing or unreadable ({e}); re-export the model "
-                            f"with `{cls.EXPORT_HINT}`") from e
+                            f"with `{cls.EXPORT.export_hint}`") from e
 
     def close(self) -> None:
         """Drop the graphs and buffers; delete an on-the-fly export."""

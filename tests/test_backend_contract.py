@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgespec.models import open_backend
 from edgespec.tree import TokenTree
-from runtimes import open_backend
 from runtimes.base import Backend
 
 BACKENDS = [

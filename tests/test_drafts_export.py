@@ -162,7 +162,7 @@ def test_an_existing_draft_is_refused_unless_forced(target: Path, tmp_path: Path
 def test_an_onnx_early_exit_draft_records_the_vocabulary(target: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from exporters.onnx import MANIFEST
+    from runtimes.formats import MANIFEST
 
     out = export_draft(target, tmp_path / "onnx", fmt="onnx", exit_layer=1)
     meta = json.loads((out / MANIFEST).read_text())

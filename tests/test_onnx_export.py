@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from exporters.onnx import MANIFEST  # noqa: E402
+from runtimes.formats import MANIFEST  # noqa: E402
 from tests.slot_engines import SLOT_ENGINES  # noqa: E402
 
 

@@ -129,7 +129,9 @@ def test_model_files_and_export_directories_pick_their_backend(engine: SlotEngin
 
 def test_a_gguf_is_exported_on_the_fly_and_cleaned_up(engine: SlotEngine,
                                                       tiny_gguf: Path) -> None:
-    b = engine.open(tiny_gguf, n_ctx=32, threads=1)
+    with pytest.raises(UserError, match=f"not an edgespec {engine.kind} export; make one with"):
+        engine.open(tiny_gguf, n_ctx=32, threads=1)  # runtimes never import exporters
+    b = engine.open(tiny_gguf, n_ctx=32, threads=1, exporter=engine.export)
     where = b.dir
     assert (where / engine.model_file).is_file()
     b.close()

@@ -97,7 +97,7 @@ def _edgespec(to: str, quant: str) -> Callable[[Path, Path], Path]:
 
 def _manifest_version(manifest: Path) -> int | None:
     """The format version an edgespec export's manifest gives (None: no readable export)."""
-    from exporters.onnx import manifest_version
+    from runtimes.formats import manifest_version
 
     try:
         return manifest_version(json.loads(manifest.read_text()))
