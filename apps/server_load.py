@@ -28,7 +28,7 @@ import httpx
 import openai
 
 import edgespec
-from edgespec.bench import speed_ratio_interval
+from edgespec.bench_tables import speed_ratio_interval
 
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "dev.jsonl"
 MODEL = ["?"]  # the served model's id, from /v1/models

@@ -12,20 +12,16 @@ import pytest
 import edgespec
 from edgespec import bench_report
 from edgespec.bench import (
-    BASELINE,
     BenchOptions,
-    Measurement,
     Prompt,
     Request,
     build_configs,
-    divergences,
-    memory_table,
     prepare_requests,
     read_prompts,
     render,
-    summarize,
     to_measurement,
 )
+from edgespec.bench_tables import BASELINE, Measurement, divergences, memory_table, summarize
 from edgespec.errors import UserError
 from edgespec.models import resolve_model
 from edgespec.peers import RATIO_REFERENCE, select_peers
