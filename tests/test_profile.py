@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,42 @@ def _env() -> dict[str, str]:
 def _profile(exact: int, build: str = "test build") -> BackendProfile:
     curve = {1: 0.010, 2: 0.011, 4: 0.013, 8: 0.020, 16: 0.035}
     return BackendProfile("llamacpp", build, 1, exact, {300: curve})
+
+
+KILLED_WRITER = """
+import itertools, sys
+from pathlib import Path
+from edgespec import profile_store
+from edgespec.device import device_facts
+from edgespec.profiler import BackendProfile
+
+facts, model = device_facts(engines=False), Path(sys.argv[1])
+cost = {c: {n: 1e-3 * n * (1 + c / 1e4) for n in range(1, 65)} for c in (300, 2000)}
+for i in itertools.count():
+    profile_store.save(facts, model, [BackendProfile("llamacpp", "killed", 1, 1 + i % 2, cost)])
+    if i == 0:
+        print("written", flush=True)
+"""
+
+
+def test_a_profile_write_killed_at_any_moment_leaves_a_whole_profile(
+        tiny_gguf: Path, tmp_path: Path) -> None:
+    """SIGKILL (no handler runs) at 40 moments while a process rewrites one profile as
+    fast as it can: the profile it leaves always loads whole, with no warning."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    rng, seen = random.Random(0), set()
+    for _ in range(40):
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tiny_gguf)],
+                                  env=env, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+        time.sleep(rng.uniform(0, 0.05))
+        writer.kill()
+        writer.wait()
+        check = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from edgespec import profile_store; from edgespec.device import device_key; "
+             "p = profile_store.load(device_key(), Path(sys.argv[1]), 'llamacpp', 'killed', 1);"
+             " print(p.exact)", str(tiny_gguf)], env=env, capture_output=True, text=True)
+        assert check.returncode == 0 and not check.stderr, check.stderr  # no corrupt warning
+        seen.add(int(check.stdout))
+    assert seen == {1, 2}, "the kills did not land at different writes: the test proved little"
