@@ -27,7 +27,7 @@ LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPL
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
 PROMPT      ?= Summarize in two sentences: speculative decoding lets a small, fast guesser propose several tokens that the large model then checks in one pass, so the output is exactly what the large model would write, only sooner.
 
-.PHONY: run test fuzz lint bench install install-test wheel system-deps llama-cflags llama-version clean
+.PHONY: run test fuzz lint bench bench-memory install install-test wheel system-deps llama-cflags llama-version clean
 
 run: install
 	$(BIN)/edgespec run -n 128 -p "$(PROMPT)"
@@ -56,6 +56,26 @@ bench: install peers
 	for m in $(BENCH_MODELS); do \
 		$(BIN)/edgespec bench -m $$m $(BENCH_FLAGS) --out $(BENCH_OUT)/$$m || exit 1; done
 	$(BIN)/python -m edgespec.bench_report docs/benchmarks.md $(addprefix $(BENCH_OUT)/,$(BENCH_MODELS))
+
+# docs/memory.md: speed and peak memory under memory budgets on each backend, and the K
+# cache's precisions (~1 h). Budgets step down to each model's least on this kind of
+# machine; the ONNX and OpenVINO plans measure their export once (cached per device).
+MEM_OUT     ?= bench-out/memory
+MEM_FLAGS   := --prompts ../shared/prompts/dev.jsonl -n 128 --peers none --limit 2 --repeat 1
+MEM_RUNS    := smollm2-135m:llamacpp:280MB,240MB,220MB,212MB gemma3-270m:llamacpp:560MB,500MB,485MB \
+               smollm2-135m:onnx:500MB,450MB,420MB smollm2-135m:openvino:1200MB,1100MB,1000MB,800MB
+
+bench-memory: install-test
+	for run in $(MEM_RUNS); do m=$${run%%:*}; rest=$${run#*:}; b=$${rest%%:*}; \
+		budgets=$${rest#*:}; $(BIN)/edgespec bench -m $$m --backend $$b $(MEM_FLAGS) --memory-budget $$budgets \
+			--out $(MEM_OUT)/$$m-$$b || exit 1; done
+	for m in $(BENCH_MODELS); do \
+		$(BIN)/edgespec bench -m $$m --prompts ../shared/prompts/dev.jsonl -n 128 --repeat 2 \
+			--backend llamacpp --peers llama-cpp-python:plain --kv-type q8_0 \
+			--out $(MEM_OUT)/$$m-kv || exit 1; done
+	$(BIN)/python -m edgespec.bench_report docs/memory.md --title "Speed under a memory budget" \
+		$(foreach r,$(MEM_RUNS),$(MEM_OUT)/$(word 1,$(subst :, ,$(r)))-$(word 2,$(subst :, ,$(r)))) \
+		$(addprefix $(MEM_OUT)/,$(addsuffix -kv,$(BENCH_MODELS)))
 
 # Peers whose dependencies conflict with edgespec's (and with each other: the model builder
 # needs a newer transformers than optimum-intel allows) get virtualenvs of their own, made
