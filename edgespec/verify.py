@@ -66,7 +66,9 @@ class Acceptance:
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The processed next-token distribution: temperature, then top-k, then top-p."""
-    z = logits.astype(np.float64) / params.temperature
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # max first: a tiny temperature gives -inf, not nan
+        z = (z - z.max()) / params.temperature
     if 0 < params.top_k < z.size:
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z >= kth, z, -np.inf)

@@ -358,3 +358,13 @@ def test_multi_candidate_draws_exactly_from_p(n_candidates: int) -> None:
         candidates = rng.choice(5, size=n_candidates, replace=False, p=q)
         draws[(multi_candidate(p, q, [int(c) for c in candidates], rng),)] += 1
     assert chi_square_pvalue(draws, {(t,): float(p[t]) for t in range(4)}) > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-12])
+def test_a_tiny_temperature_is_a_distribution_on_the_argmax(temperature: float) -> None:
+    """Found by the server fuzzer: logits / 5e-324 overflowed to inf - inf = nan, and the
+    generation failed with a 500."""
+    logits = np.array([3.0, -1e4, 7.5, 7.25, 0.0], np.float32)
+    for params in (SamplingParams(temperature), SamplingParams(temperature, top_k=2, top_p=0.5)):
+        p = probabilities(logits, params)
+        assert np.isfinite(p).all() and p[2] == 1.0 and p.sum() == 1.0
