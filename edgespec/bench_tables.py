@@ -144,8 +144,8 @@ def memory_table(rows: list[Measurement], memory: dict, summary: list[dict]) -> 
         if mem is None or label not in speed:
             continue
         unconstrained = label.split("@")[0]
-        peak = max(m.peak_rss_bytes for m in rows if m.config == label)
         ms = [m for m in rows if m.config == label]
+        peak = max(m.peak_rss_bytes for m in ms)
         table.append({
             "config": label, "plan": mem["plan"], "peak_rss": peak,
             "generation": peak - mem["base_rss"] - mem["weights"],

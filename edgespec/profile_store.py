@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgespec.device import DeviceFacts
 from edgespec.profiler import BackendProfile
+from runtimes.formats import MANIFEST
 
 SCHEMA = 1
 
@@ -34,7 +35,7 @@ def model_key(path: Path) -> str:
     if path.is_dir():
         for f in sorted(path.iterdir()):
             digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        manifest = path / "edgespec.json"
+        manifest = path / MANIFEST
         if manifest.is_file():
             digest.update(manifest.read_bytes())
     else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgespec.errors import UserError
+from runtimes.formats import Exporter
 
 Progress = Callable[[str, int, int], None]
 """A progress callback: stage name ("read", "write", "quantize", "copy", "export"), done,
@@ -47,7 +48,7 @@ class DraftSpec:
         raise UserError(f"unknown draft {text!r}; use early-exit:E or quant[:TYPE]")
 
 
-def on_the_fly(backend: str) -> Callable[[Path, Path], Path] | None:
+def on_the_fly(backend: str) -> Exporter | None:
     """The exporter an engine that runs exports needs for a model that is not one (a GGUF
     or an HF folder), at its exact default (float32 ONNX, fp16 OpenVINO); None for an engine
     that reads the model as it is."""

@@ -32,7 +32,6 @@ from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_
 from runtimes.weights import LlamaWeights, hf_config, load_gguf, load_hf_folder
 
 QUANTS = ("fp32", "int8", "int4")
-MODEL_FILE, FORMAT, FORMAT_VERSION = ONNX.model_file, ONNX.name, ONNX.version
 BITS = {"int8": 8, "int4": 4}
 MIN_ROPE_POSITIONS = 4096
 
@@ -62,8 +61,8 @@ def _write_tokenizer(out: Path, encoder: ByteLevelTokenizer, info: TokenizerInfo
 def _manifest(weights: LlamaWeights, quant: str, exits: list[int], n_pos: int, src: Path) -> dict:
     cfg = weights.config
     return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "format": ONNX.name,
+        "version": ONNX.version,
         "source": src.name,
         "quant": quant,
         "n_layer": cfg.n_layer,
@@ -89,10 +88,10 @@ def _write(tmp: Path, src: Path, quant: str, exits: list[int], block_size: int) 
         from exporters.onnx_quant import quantize_blocks
 
         model = quantize_blocks(model, BITS[quant], block_size)
-    onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=MODEL_FILE + ".data",
+    onnx.save_model(model, tmp / ONNX.model_file, save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=ONNX.model_file + ".data",
                     size_threshold=1024)
-    saved = onnx.load(tmp / MODEL_FILE, load_external_data=False)
+    saved = onnx.load(tmp / ONNX.model_file, load_external_data=False)
     for e in exits:
         onnx.save_model(early_exit_model(saved, weights.config, e), tmp / f"exit{e}.onnx")
     meta = _manifest(weights, quant, exits, n_pos, src) | _write_tokenizer(tmp, encoder, info)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     import openvino as ov
 
 QUANTS = ("fp16", "fp32", "int8", "int4")
-MODEL_FILE, FORMAT, FORMAT_VERSION = OPENVINO.model_file, OPENVINO.name, OPENVINO.version
 
 Rope = tuple[np.ndarray, np.ndarray]
 
@@ -92,13 +91,13 @@ def _write(tmp: Path, src: Path, quant: str, exits: list[int], group_size: int,
         raise UserError(f"int4 groups of {group_size} do not divide the model's widths "
                         f"({cfg.n_embd}, {cfg.n_ff}); choose a smaller group size")
     dtype = np.float16 if quant == "fp16" else np.float32
-    for name, n_layers in [(MODEL_FILE, None), *((f"exit{e}.xml", e) for e in exits)]:
+    for name, n_layers in [(OPENVINO.model_file, None), *((f"exit{e}.xml", e) for e in exits)]:
         progress(f"building {name} ({quant})")
         model = _compress(build_decoder(weights, rope, n_layers=n_layers, weight_dtype=dtype),
                           quant, group_size)
         ov.save_model(model, tmp / name, compress_to_fp16=False)
     meta = _manifest(weights, quant, [], len(rope[0]), src) | _write_tokenizer(tmp, encoder, info)
-    meta |= {"format": FORMAT, "version": FORMAT_VERSION,
+    meta |= {"format": OPENVINO.name, "version": OPENVINO.version,
              "early_exit": {str(e): f"exit{e}.xml" for e in exits},
              "group_size": group_size if quant == "int4" else None}
     (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))

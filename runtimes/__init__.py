@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgespec.errors import UserError
 from runtimes.base import Backend, MemoryReport, Sizing, TokenizerInfo
-from runtimes.formats import ONNX, OPENVINO
+from runtimes.formats import FORMATS, MANIFEST
 
 # backend name → (module, class); a new engine is one module plus one line here
 BACKENDS = {
@@ -21,7 +21,7 @@ BACKENDS = {
 }
 _BY_SUFFIX = {".gguf": ("llamacpp", "reference"), ".onnx": ("onnx",), ".xml": ("openvino",)}
 # an export directory names its engine in its manifest (edgespec.json "format")
-_BY_FORMAT = {ONNX.name: "onnx", OPENVINO.name: "openvino"}
+_BY_FORMAT = {fmt.name: backend for backend, fmt in FORMATS.items()}
 
 
 def backend_for(path: Path, requested: str = "auto") -> str:
@@ -44,7 +44,7 @@ def backend_for(path: Path, requested: str = "auto") -> str:
 def _by_manifest(directory: Path) -> str:
     """The backend of an edgespec export directory, from its manifest's format."""
     try:
-        fmt = json.loads((directory / "edgespec.json").read_text()).get("format")
+        fmt = json.loads((directory / MANIFEST).read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         fmt = None
     if fmt not in _BY_FORMAT:

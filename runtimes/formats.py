@@ -7,7 +7,9 @@ that dependencies point one way: ``exporters/`` imports this, ``runtimes/`` neve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 MANIFEST = "edgespec.json"  # every export's sidecar: format, version, KV shape, tokens
 
@@ -36,6 +38,15 @@ ONNX = ExportFormat("edgespec-onnx-decoder", 1, "model.onnx",
 OPENVINO = ExportFormat("edgespec-openvino-decoder", 6, "openvino_model.xml",
                         "edgespec export MODEL --to openvino -o OUT",
                         ("input_ids", "position_ids", "attn_mask", "logits_rows", "kv_slots"))
+
+
+# the export formats by what makes and runs them: `--to onnx` / `--backend onnx`, …
+FORMATS = {"onnx": ONNX, "openvino": OPENVINO}
+
+Exporter = Callable[[Path, Path], Path]
+"""``exporter(src, out_dir)``: an export of ``src`` in ``out_dir``. The loader hands one
+to a slot backend given a model that is not an export, since runtimes never import
+exporters."""
 
 
 def manifest_version(meta: dict) -> int:

@@ -40,8 +40,8 @@ import numpy as np
 
 from edgespec.errors import UserError
 from runtimes.base import check_kv_type, default_threads
-from runtimes.formats import MANIFEST, ONNX
-from runtimes.slots import Exporter, SlotBackend, require_inputs
+from runtimes.formats import MANIFEST, ONNX, Exporter
+from runtimes.slots import SlotBackend, require_inputs
 
 try:
     import onnxruntime as ort

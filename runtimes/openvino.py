@@ -67,8 +67,8 @@ import numpy as np
 
 from edgespec.errors import UserError
 from runtimes.base import default_threads
-from runtimes.formats import OPENVINO
-from runtimes.slots import Exporter, SlotBackend, require_inputs
+from runtimes.formats import OPENVINO, Exporter
+from runtimes.slots import SlotBackend, require_inputs
 
 try:
     import openvino as ov

@@ -26,12 +26,8 @@ from edgespec.errors import UserError
 from edgespec.tree import TokenTree
 from runtimes import base, footprint
 from runtimes.base import MemoryReport, Sizing, rss
-from runtimes.formats import MANIFEST, ExportFormat, manifest_version
+from runtimes.formats import MANIFEST, Exporter, ExportFormat, manifest_version
 from runtimes.reference_tokenizer import hf_tokenizer
-
-Exporter = Callable[[Path, Path], Path]
-"""``exporter(src, out_dir)``: an export of ``src`` in ``out_dir``. The caller (edgespec's
-loader) passes one in, since runtimes never import exporters."""
 
 
 def export_on_the_fly(src: Path, export: Exporter, prefix: str) -> tuple[Path, Path]:

@@ -11,7 +11,6 @@ model builder (int4 weights) for ort-genai. Results are cached under
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import exporters
 from edgespec.errors import UserError
 from edgespec.peers import PEERS_DIR, venv_python
+from runtimes.formats import FORMATS, MANIFEST, manifest_version
 
 # an exporter (it imports transformers), run as a script under the ort-genai venv's Python
 HF_SCRIPT = Path(exporters.__file__).with_name("hf_from_gguf.py")
@@ -88,8 +88,7 @@ def _edgespec(to: str, quant: str) -> Callable[[Path, Path], Path]:
         from exporters import export_model
 
         out = folder / f"edgespec-{to}-{quant}"
-        exporter = importlib.import_module(f"exporters.{to}")
-        if _manifest_version(out / exporter.MANIFEST) != exporter.FORMAT_VERSION:
+        if _manifest_version(out / MANIFEST) != FORMATS[to].version:
             export_model(gguf, out, to=to, quant=quant, force=True)
         return out
     return export
@@ -97,8 +96,6 @@ def _edgespec(to: str, quant: str) -> Callable[[Path, Path], Path]:
 
 def _manifest_version(manifest: Path) -> int | None:
     """The format version an edgespec export's manifest gives (None: no readable export)."""
-    from runtimes.formats import manifest_version
-
     try:
         return manifest_version(json.loads(manifest.read_text()))
     except (OSError, ValueError):
