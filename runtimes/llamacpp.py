@@ -113,9 +113,7 @@ class LlamaCppBackend:
         self.kv_type = kv_type
         if kv_type != self.kv_types[0]:  # a saved profile's exactness holds for its cache type
             self.build = f"{type(self).build}, K cache {kv_type}"
-        header = rss()
-        self.info: GGUFInfo = read_gguf(path)
-        parsed = max(0, rss() - header)  # the header as Python objects: Gemma's 262k tokens
+        self.info, parsed = _read_header(path)  # held while the backend lives
         self._log = log_capture()
         self._log.clear()
         self.threads = threads or default_threads()
@@ -151,10 +149,7 @@ class LlamaCppBackend:
         (allocating nothing, it needs no ``limit``)."""
         if llm is None:
             raise UserError("the llama.cpp backend needs llama-cpp-python; install edgespec[gguf]")
-        header = rss()
-        info = read_gguf(path)  # llama.cpp never sees a file the validator refuses
-        parsed = max(0, rss() - header)  # a backend keeps it (``info``) while it lives
-        del info
+        parsed = _read_header(path)[1]  # llama.cpp never sees a file the validator refuses
         log = log_capture()
         log.clear()
         before = _heap_in_use()
@@ -385,6 +380,21 @@ def _new_context(model: llm.llama_model_p, log: _LogCapture, *, n_ctx: int, n_ba
             f"({log.last_error() or 'out of memory?'}); try a smaller -c/--ctx-size"
         )
     return ctx
+
+
+_header_costs: dict[tuple[str, int, int], int] = {}
+
+
+def _read_header(path: str | Path) -> tuple[GGUFInfo, int]:
+    """The validated header and what holding it costs as Python objects (Gemma's 262k
+    tokens: tens of MB): the RSS its parse added the first time this process read the file.
+    A later parse lands in heap an earlier one freed and reads less, by a different amount
+    each time, which would move a memory plan from one call to the next."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    before = rss()
+    info = read_gguf(path)
+    return info, _header_costs.setdefault(key, max(0, rss() - before))
 
 
 def _logged_memory(model: llm.llama_model_p, log: _LogCapture, tables: int) -> MemoryReport:

@@ -95,8 +95,7 @@ def test_plans_give_up_context_first_and_speculation_last(smollm_path: Path) -> 
         assert (p.max_tree_nodes, p.ctx) <= (previous.max_tree_nodes, previous.ctx)
         previous = p
     assert previous.ctx == 512  # context went first
-    # (the host tables are measured per plan, as RSS growth that depends on what the
-    # process did before: boundaries hold to a few megabytes)
+    # (boundaries hold to the kilobyte: the header's cost is measured once per process)
     assert planned(roomy.speculation_minimum + 4 * MB).max_tree_nodes > 1
     with pytest.raises(UserError, match="the least is 2[0-9][0-9] MB, or 2[0-9][0-9] MB with "
                                         "--kv-type q8_0") as refused:
