@@ -60,3 +60,27 @@ def slot_export(tiny_gguf: Path,
         return made[engine, quant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm_exports(smollm_path: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``smollm_exports(engine)``: SmolLM2 for "onnx" (fp32: the Q4_1 weights dequantized)
+    or "openvino" (fp16 IR from that ONNX export), each made on first use."""
+    made: dict[str, Path] = {}
+
+    def get(engine: str) -> Path:
+        if engine not in made:
+            pytest.importorskip("onnx")
+            from exporters.onnx import export_onnx
+
+            out = tmp_path_factory.mktemp("smollm-exports")
+            made["onnx"] = made.get("onnx") or export_onnx(smollm_path, out / "onnx")
+            if engine == "openvino":
+                pytest.importorskip("openvino")
+                from exporters.openvino import export_openvino
+
+                made[engine] = export_openvino(made["onnx"], out / "ov", quant="fp16")
+        return made[engine]
+
+    return get

@@ -17,7 +17,6 @@ SmolLM2 (slow), the claims that need a real model:
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ ov = pytest.importorskip("openvino")
 import edgespec  # noqa: E402
 from edgespec.errors import UserError  # noqa: E402
 from edgespec.tree import TokenTree  # noqa: E402
-from exporters.openvino import export_openvino  # noqa: E402
 from runtimes.openvino import OpenVinoBackend  # noqa: E402
 from runtimes.reference import ReferenceBackend  # noqa: E402
 from tests.slot_engines import PROMPT, check_speculation_is_bit_exact  # noqa: E402
@@ -92,17 +90,10 @@ def test_bad_options_are_user_errors(exported: Path, kwargs: dict, message: str)
 
 
 @pytest.fixture(scope="module")
-def smollm_chain(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm_chain(smollm_exports) -> Path:
     """SmolLM2 GGUF → ONNX (fp32: the Q4_1 weights dequantized) → OpenVINO fp16 IR."""
-    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from exporters.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("smollm-ov")
-    onnx_dir = export_onnx(smollm_path, out / "onnx")
-    ov_dir = export_openvino(onnx_dir, out / "ov", quant="fp16")
-    shutil.rmtree(onnx_dir)
-    return ov_dir
+    return smollm_exports("openvino")
 
 
 @pytest.mark.slow
