@@ -62,7 +62,7 @@ bench: install peers
 # machine; the ONNX and OpenVINO plans measure their export once (cached per device).
 MEM_OUT     ?= bench-out/memory
 MEM_FLAGS   := --prompts ../shared/prompts/dev.jsonl -n 128 --peers none --limit 2 --repeat 1
-MEM_RUNS    := smollm2-135m:llamacpp:280MB,240MB,220MB,212MB gemma3-270m:llamacpp:560MB,500MB,485MB \
+MEM_RUNS    := smollm2-135m:llamacpp:225MB,218MB,212MB gemma3-270m:llamacpp:560MB,500MB,485MB \
                smollm2-135m:onnx:500MB,450MB,420MB smollm2-135m:openvino:1200MB,1100MB,1000MB,800MB
 
 bench-memory: install-test
