@@ -10,6 +10,7 @@ request's generation without touching the others waiting for the engine).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from edgespec import memory, profile_store
 from edgespec.autotune import CostCurve, SpeculationPolicy
 from edgespec.chat import ChatTemplate, Message
 from edgespec.device import device_key
-from edgespec.drafting import Drafter, make_drafter
+from edgespec.drafting import Drafter, DraftModelDrafter, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
 from edgespec.models import open_backend, resolve_model
@@ -61,12 +62,15 @@ class Engine:
         model: Path | None = None,
         govern_threads: bool = False,
         recycling_k: int = DEFAULT_RECYCLING_K,
+        draft_backend: Backend | None = None,
     ) -> None:
         """``model``: the file or export ``backend`` loaded, to find its saved device profile
         (``edgespec profile``); without one (or ``model=None``), the first speculative
         generation probes.
         ``govern_threads``: use one thread fewer while another process holds a core
-        (:mod:`edgespec.threads`); :func:`load` sets it unless the caller chose ``threads``."""
+        (:mod:`edgespec.threads`); :func:`load` sets it unless the caller chose ``threads``.
+        ``draft_backend``: a draft model of the same vocabulary, loaded; the engine owns it
+        (``draft="model"`` drafts with it alone, ``"fused"`` with lookup and recycling)."""
         tree_size = DEFAULT_TREE_SIZE if tree_size is None else tree_size
         if tree_size < 1:
             raise UserError(f"--tree-size must be at least 1 (got {tree_size})")
@@ -76,6 +80,8 @@ class Engine:
         self.adaptive = adaptive
         self._drafters: dict[str, Drafter | None] = {}
         self._recycling_k = recycling_k
+        self._model_drafter = None if draft_backend is None else DraftModelDrafter(
+            draft_backend, self._token_seconds)
         self.plan: memory.Plan | None = None  # set by load() under a memory budget
         self._drafter(draft)  # validate the name now, not at the first generation
         self.model = model
@@ -196,6 +202,9 @@ class Engine:
         self._cancel.set()
 
     def close(self) -> None:
+        for drafter in {id(d): d for d in [*self._drafters.values(), self._model_drafter]
+                        if d is not None}.values():
+            drafter.close()
         self.backend.close()
 
     def __enter__(self) -> Engine:
@@ -209,8 +218,16 @@ class Engine:
     def _drafter(self, name: str) -> Drafter | None:
         if name not in self._drafters:
             self._drafters[name] = make_drafter(name, self.backend.vocab_size,
-                                                recycling_k=self._recycling_k)
+                                                recycling_k=self._recycling_k,
+                                                model=self._model_drafter)
         return self._drafters[name]
+
+    def _token_seconds(self) -> float:
+        """What verifying one token costs now: a draft model prices its passes in it (not
+        adaptive: nothing is priced, every tree is drafted)."""
+        if not self.adaptive:
+            return math.inf
+        return self._policy.cost(1) if self._policy is not None else 1.0
 
     def _decode_loop(self, speculative: bool) -> DecodeLoop:
         """The loop, with the cost curve of this device's saved profile, or one measured on
@@ -312,6 +329,7 @@ def load(
     memory_budget: str | int | None = None,
     min_ctx: int = 512,
     kv_type: str | None = None,
+    draft_model: str | Path | None = None,
 ) -> Engine:
     """Load ``model`` (default: the packaged SmolLM2-135M-Instruct) into an :class:`Engine`.
 
@@ -326,6 +344,8 @@ def load(
     ``kv_type``: the KV cache's precision (llama.cpp: ``f16``, or ``q8_0`` for a K cache
     23% smaller, still exact for speculation; default: the backend's first ``kv_types``).
     Unlike the planned knobs it changes the text, so a budget never picks it.
+    ``draft_model``: a smaller model with the target's vocabulary (``edgespec export
+    --draft``), loaded beside it on the same backend for ``draft="model"`` or ``"fused"``.
     """
     if ctx < 16:
         raise UserError(f"the context size must be at least 16 tokens (got {ctx})")
@@ -347,12 +367,35 @@ def load(
         draft, tree_size = plan.draft, plan.max_tree_nodes
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
-    engine = Engine(open_backend(path, name, **options), draft=draft,
-                    tree_size=tree_size, adaptive=adaptive,
+    drafts = None if draft_model is None else _draft_source(path, draft_model, memory_budget)
+    target = open_backend(path, name, **options)
+    try:
+        draft_backend = None if drafts is None else open_backend(
+            drafts, name, n_ctx=target.n_ctx, threads=target.threads, max_tree_nodes=1,
+            kv_type=kv_type)
+    except BaseException:
+        target.close()
+        raise
+    engine = Engine(target, draft=draft, tree_size=tree_size, adaptive=adaptive,
                     model=path if saved_profile else None, govern_threads=threads is None,
-                    recycling_k=plan.recycling_k if plan else DEFAULT_RECYCLING_K)
+                    recycling_k=plan.recycling_k if plan else DEFAULT_RECYCLING_K,
+                    draft_backend=draft_backend)
     engine.plan = plan
     return engine
+
+
+def _draft_source(target: Path, draft_model: str | Path, budget: str | int | None) -> Path:
+    """The draft model's file, once it is known to share the target's vocabulary."""
+    from exporters.drafts import check_same_vocab  # the exporters' own identity check
+
+    if budget is not None:
+        raise UserError("a memory budget does not plan a draft model yet; "
+                        "drop --memory-budget or --draft-model")
+    path = Path(draft_model)
+    if not path.exists():
+        raise UserError(f"draft model not found: {path}")
+    check_same_vocab(target, path)
+    return path
 
 
 def _saved_profile(path: Path, backend: str, threads: int | None) -> BackendProfile | None:

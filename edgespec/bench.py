@@ -37,6 +37,7 @@ from edgespec import bench_report
 from edgespec.api import Engine, load
 from edgespec.bench_tables import Measurement, divergences, memory_table, summarize
 from edgespec.chat import ChatTemplate, turns_to_messages
+from edgespec.drafting import MODEL_DRAFTS
 from edgespec.errors import UserError
 from edgespec.models import resolve_model
 from edgespec.peers import (
@@ -93,6 +94,7 @@ class BenchOptions:
     profile: str = "saved"  # speculative configs with the saved device profile, probing, both
     budgets: list[str] = field(default_factory=list)  # memory budgets, each a set of configs
     kv_types: list[str] = field(default_factory=list)  # KV precisions, each a set of configs
+    draft_models: list[Path] = field(default_factory=list)  # each: the drafts that use one
     out: Path = Path("bench-out")
 
 
@@ -277,8 +279,10 @@ def measure_verify_cost(workers: Workers, labels: list[str], rounds: int = 5) ->
 def build_configs(options: BenchOptions, backends: list[str],
                   min_ctx: int = 512) -> tuple[list[Config], dict]:
     """edgespec's (backend, draft) pairs, baseline first, then each fixed KV precision's,
-    each memory budget's (every plan holding ``min_ctx`` tokens), then the installed peers."""
-    drafts = ["none", *(d for d in options.drafts if d != "none")]
+    each memory budget's (every plan holding ``min_ctx`` tokens), each draft model's
+    (the drafts that can use one), then the installed peers."""
+    with_model = [d for d in options.drafts if d in MODEL_DRAFTS]
+    drafts = ["none", *(d for d in options.drafts if d not in ("none", "model"))]
     saved = {"saved": [True], "probe": [False], "both": [True, False]}[options.profile]
     configs = [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
                                saved_profile=use)
@@ -289,6 +293,9 @@ def build_configs(options: BenchOptions, backends: list[str],
     configs += [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
                                 memory_budget=budget, min_ctx=min_ctx)
                 for budget in options.budgets for b in backends for d in drafts]
+    configs += [edgespec_config(b, d, ctx=options.ctx, tree_size=options.tree_size,
+                                draft_model=model)
+                for model in options.draft_models for b in backends for d in with_model]
     skipped = {}
     for engine, variant in select_peers(options.peers):
         reason = missing(engine)

@@ -30,6 +30,9 @@ MODEL_SUFFIXES = (".gguf", ".onnx", ".xml")
 
 ModelOpt = Annotated[Path | None, typer.Option("-m", "--model", help="Model file (.gguf).")]
 DraftOpt = Annotated[str, typer.Option("--draft", help=f"Drafter: {'|'.join(DRAFTERS)}.")]
+DraftModelOpt = Annotated[Path | None, typer.Option(
+    "--draft-model", help="A smaller model of the same vocabulary to draft with (edgespec "
+    "export --draft writes one); --draft model uses it alone, fused with lookup/recycling.")]
 ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.")]
 CtxOpt = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")]
 TreeOpt = Annotated[int | None, typer.Option("--tree-size", help="Most tree nodes per step.")]
@@ -141,6 +144,7 @@ def run(
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string.")] = None,
     draft: DraftOpt = "fused",
+    draft_model: DraftModelOpt = None,
     tree_size: TreeOpt = None,
     threads: ThreadsOpt = None,
     ctx_size: CtxOpt = 4096,
@@ -165,7 +169,7 @@ def run(
             raise UserError("--explain shows a memory plan: give --memory-budget too")
         options = dict(backend=backend, draft=draft, threads=threads, ctx=ctx_size,
                        tree_size=tree_size, device=device, memory_budget=memory_budget,
-                       kv_type=kv_type, min_ctx=max_tokens + 1)
+                       kv_type=kv_type, min_ctx=max_tokens + 1, draft_model=draft_model)
         with contextlib.ExitStack() as stack:
             engine = stack.enter_context(load(model_path, **options))
             use_chat = chat if chat is not None else bool(engine.backend.tokenizer.chat_template)
@@ -200,6 +204,7 @@ def chat_cmd(
     temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
     draft: DraftOpt = "fused",
+    draft_model: DraftModelOpt = None,
     threads: ThreadsOpt = None,
     ctx_size: CtxOpt = 4096,
     backend: BackendOpt = "auto",
@@ -218,6 +223,7 @@ def chat_cmd(
                             f"of {ctx_size} tokens")
         with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
                   device=device, memory_budget=memory_budget, kv_type=kv_type,
+                  draft_model=draft_model,
                   min_ctx=max(512, max_tokens + 128)) as engine:  # room for a question
             engine.render_chat([{"role": "user", "content": "hi"}])  # a template, or say so
             if sys.stdin.isatty():
@@ -315,6 +321,9 @@ def bench(
     kv_type: Annotated[str | None, typer.Option(
         "--kv-type", help="KV precisions a,b,… : each adds every draft with its KV cache in "
         "that precision (label <draft>+kv-<type>).")] = None,
+    draft_model: Annotated[str | None, typer.Option(
+        "--draft-model", help="Draft models a,b,… : each adds the drafts that use one "
+        "(--draft model, fused) with it (label <draft>+dm-<file stem>).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for results.")] = Path("bench-out"),
 ) -> None:
     """edgespec's drafters and peer engines, interleaved in one run, per prompt category."""
@@ -328,12 +337,19 @@ def bench(
             parse_size(b)  # a bad one is refused now, not in a worker
         if profile not in ("saved", "probe", "both"):
             raise UserError(f"--profile must be saved, probe or both (got {profile!r})")
+        draft_models = [Path(p.strip()) for p in draft_model.split(",")] if draft_model else []
+        if "model" in (draft or []) and not draft_models:
+            raise UserError("--draft model needs a draft model: give --draft-model PATH")
+        for path in draft_models:
+            if not path.is_file():
+                raise UserError(f"draft model not found: {path}")
         options = BenchOptions(
             model=model, prompts=prompts, drafts=draft or ["fused"], max_tokens=max_tokens,
             categories=categories.split(",") if categories else None, limit=limit,
             repeat=repeat, threads=threads, ctx=ctx_size, tree_size=tree_size,
             backends=backend.split(","), peers=peers, profile=profile, out=out,
             budgets=budgets, kv_types=kv_type.split(",") if kv_type else [],
+            draft_models=draft_models,
         )
         run_bench(options)
     except UserError as e:

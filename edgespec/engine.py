@@ -16,6 +16,7 @@ import numpy as np
 
 from edgespec.autotune import SpeculationPolicy
 from edgespec.drafting import Drafter
+from edgespec.drafting.base import common_prefix
 from edgespec.errors import Cancelled, UserError
 from edgespec.threads import ThreadGovernor
 from edgespec.tree import TokenTree
@@ -136,7 +137,7 @@ class DecodeLoop:
             )
         chunk = self.backend.prefill_chunk
         # the last prompt token must be evaluated for logits, in its own chunk's batch
-        keep = min(_common_prefix(self.cached, prompt), self.prefilled, len(prompt) - 1)
+        keep = min(common_prefix(self.cached, prompt), self.prefilled, len(prompt) - 1)
         keep -= keep % chunk
         self.backend.truncate(keep)
         del self.cached[keep:]
@@ -224,10 +225,3 @@ def _exact_part(tree: TokenTree, accepted: Acceptance) -> tuple[list[int], int]:
             return accepted.path[:i], tree.tokens[node]
     return accepted.path, accepted.next_token
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

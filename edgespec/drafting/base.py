@@ -38,6 +38,9 @@ class Drafter(Protocol):
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
         """Learn from a verification: ``logits[i]`` is the target's output at node ``i``."""
 
+    def close(self) -> None:
+        """Release what the drafter holds (a draft model's engine); called once, last."""
+
 
 class AcceptanceStats:
     """Beta-smoothed, exponentially fading acceptance rate per feature key (``lookup/m3/d2``).
@@ -132,3 +135,12 @@ def _followed(tree: TokenTree, continuation: Sequence[int]) -> list[int]:
             break
         path.append(child)
     return path
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -38,3 +38,7 @@ class FusedDrafter:
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
         for drafter in self.drafters:
             drafter.observe(tree, logits, accepted)
+
+    def close(self) -> None:
+        for drafter in self.drafters:
+            drafter.close()

@@ -100,6 +100,9 @@ class PromptLookupDrafter:
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
         """Nothing to learn here: proposals are judged against the real text (ShadowLog)."""
 
+    def close(self) -> None:
+        """Nothing to release: the index is plain Python."""
+
     def _continuations(self, key: tuple[int, ...], end: int) -> list[int]:
         """Start positions of what followed earlier occurrences of ``key``, newest first."""
         found, seen_next = [], set()

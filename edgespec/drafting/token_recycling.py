@@ -112,6 +112,9 @@ class TokenRecyclingDrafter:
         verified = len(tree) > 1 and any(s.startswith(self.name) for s in tree.sources)
         self._unverified = 0 if verified else self._unverified + 1
 
+    def close(self) -> None:
+        """Nothing to release: the matrix is a numpy array."""
+
     def _idle(self) -> bool:
         """Whether to skip this step: none of its nodes was verified for ``_IDLE_AFTER``
         steps and this is not a wake-up step.

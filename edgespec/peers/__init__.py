@@ -88,12 +88,16 @@ def venv_python(venv: str) -> Path:
 
 def edgespec_config(backend: str, draft: str, *, ctx: int, tree_size: int | None,
                     saved_profile: bool = True, memory_budget: str | None = None,
-                    min_ctx: int = 512, kv_type: str | None = None) -> Config:
+                    min_ctx: int = 512, kv_type: str | None = None,
+                    draft_model: Path | None = None) -> Config:
     """edgespec with ``draft`` ("none" = plain decoding) on ``backend``, in this Python;
     ``saved_profile=False`` (variant ``<draft>+probe``) ignores the device's saved profile;
     ``memory_budget`` (variant ``<draft>@<budget>``) plans for it, holding ``min_ctx``;
-    ``kv_type`` (variant ``<draft>+kv-<type>``) fixes the KV cache's precision."""
+    ``kv_type`` (variant ``<draft>+kv-<type>``) fixes the KV cache's precision;
+    ``draft_model`` (variant ``<draft>+dm-<file stem>``) loads that draft model beside."""
     variant = PLAIN if draft == "none" else draft + ("" if saved_profile else "+probe")
+    if draft_model is not None:
+        variant += f"+dm-{draft_model.stem}"
     if kv_type is not None:
         variant += f"+kv-{kv_type}"
     if memory_budget is not None:
@@ -101,7 +105,8 @@ def edgespec_config(backend: str, draft: str, *, ctx: int, tree_size: int | None
     return Config(f"edgespec-{backend}:{variant}", "edgespec",
                   {"backend": backend, "draft": draft, "ctx": ctx, "tree_size": tree_size,
                    "saved_profile": saved_profile, "memory_budget": memory_budget,
-                   "min_ctx": min_ctx, "kv_type": kv_type},
+                   "min_ctx": min_ctx, "kv_type": kv_type,
+                   "draft_model": None if draft_model is None else str(draft_model)},
                   Path(sys.executable), EDGESPEC_FORMATS.get(backend, "gguf"),
                   same_engine=backend == "llamacpp")
 

@@ -27,12 +27,12 @@ class Peer:
     def __init__(self, model: str, threads: int | None, stop_ids: list[int], *, backend: str,
                  draft: str, ctx: int, tree_size: int | None, saved_profile: bool,
                  memory_budget: str | None = None, min_ctx: int = 512,
-                 kv_type: str | None = None) -> None:
+                 kv_type: str | None = None, draft_model: str | None = None) -> None:
         self.base_rss = psutil.Process().memory_info().rss  # before the model: the process
         self.engine = edgespec.load(model, backend=backend, draft=draft, threads=threads,
                                     ctx=ctx, tree_size=tree_size, saved_profile=saved_profile,
                                     memory_budget=memory_budget, min_ctx=min_ctx,
-                                    kv_type=kv_type)
+                                    kv_type=kv_type, draft_model=draft_model)
 
     def memory(self) -> dict:
         """What the process held before loading, the weights, and the plan if budgeted."""

@@ -1,0 +1,114 @@
+"""A draft model: a smaller model with the target's vocabulary drafts a chain, a pass a token.
+
+Its usual form is the target's own first layers or a lower-bit copy of it (``edgespec
+export --draft``), loaded as a second engine beside the target with its own KV cache, which
+follows the target's context: cut back to what the two share, the rest fed in one call.
+
+Unlike lookup and recycling, every drafted token costs a forward pass, so the drafter prices
+it in the target's own currency, the verify cost of one token (``token_seconds``): it goes a
+token deeper only while the next token's expected acceptance is worth more than the pass,
+and drafts at all only while its first tokens are accepted often enough to pay. Idle, it
+probes one token every :data:`PROBE_EVERY` calls, so the estimate can recover.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from edgespec.drafting.base import AcceptanceStats, ShadowLog, common_prefix
+from edgespec.tree import TokenTree, TreeBuilder
+from runtimes.base import Backend
+
+PROBE_EVERY = 8
+_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.97)  # the draft's own probability, bucketed
+_RUNNER_UP = 0.8  # below this confidence the draft's second choice is proposed too
+
+
+class DraftModelDrafter:
+    """Chains of the draft model's greedy tokens (and runners-up where it hesitates), each
+    node scored by how often tokens of that draft confidence were accepted lately."""
+
+    name = "model"
+
+    def __init__(self, backend: Backend, token_seconds: Callable[[], float]) -> None:
+        self.backend = backend
+        self._token_seconds = token_seconds
+        self.stats = AcceptanceStats(prior=0.5)
+        self._shadow = ShadowLog(self.stats, self.name)
+        self._cached: list[int] = []  # the tokens in the draft's KV cache
+        self.pass_s = 0.0  # seconds of one draft pass of one token (moving average)
+        self.first = 0.5  # moving average of the first drafted node's estimate
+        self._idle = 0
+
+    def draft(
+        self, context: Sequence[int], budget: int, min_score: float = 0.0,
+        entry_score: float = 0.0,
+    ) -> TokenTree:
+        price = self.pass_s / max(self._token_seconds(), 1e-9)  # one pass, in verified tokens
+        if self.first < entry_score + price:
+            self._idle += 1
+            if self._idle % PROBE_EVERY == 0:
+                token, q = _top(self._logits_after(context), 1)[0]
+                self._shadow.probe(context, token, self._key(q, ""))
+                self.first += 0.1 * (self.stats.rate(self._key(q, ""), q) - self.first)
+            return TokenTree.root(context[-1])
+        builder = TreeBuilder(context[-1])
+        logits, parent, score = self._logits_after(context), 0, 1.0
+        while len(builder.tokens) < budget:
+            (token, q), (other, q2) = _top(logits, 2)
+            if q < _RUNNER_UP and len(builder.tokens) + 1 < budget:
+                key = self._key(q2, "r")
+                if (alt := score * self.stats.rate(key, q2)) >= min_score:
+                    builder.add(parent, other, alt, key)
+            key = self._key(q, "")
+            score *= self.stats.rate(key, q)
+            if parent == 0:
+                self.first += 0.1 * (score - self.first)
+            if score < min_score:
+                break
+            parent = builder.add(parent, token, score, key)
+            if score * self.first < min_score + price or len(builder.tokens) >= budget:
+                break  # the next pass would cost more than its token is worth
+            logits = self._feed([token])
+        tree = builder.build()
+        self._shadow.propose(context, tree)
+        return tree
+
+    def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:
+        """Nothing to learn here: proposals are judged against the real text (ShadowLog)."""
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _key(self, q: float, kind: str) -> str:
+        bucket = max(i for i, b in enumerate(_BUCKETS) if q >= b)
+        return f"{self.name}/{kind}q{bucket}"
+
+    def _logits_after(self, context: Sequence[int]) -> np.ndarray:
+        """The draft's logits after ``context``: its cache cut back to the prefix the two
+        share (the drafted tokens the target rejected go), the rest fed in one call."""
+        keep = min(common_prefix(self._cached, context), len(context) - 1)
+        self.backend.truncate(keep)
+        del self._cached[keep:]
+        return self._feed(context[keep:])
+
+    def _feed(self, tokens: Sequence[int]) -> np.ndarray:
+        start = time.perf_counter()
+        logits = self.backend.prefill(tokens)
+        if len(tokens) == 1:
+            self.pass_s += 0.2 * (time.perf_counter() - start - self.pass_s)
+        self._cached.extend(tokens)
+        return logits
+
+
+def _top(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The ``k`` likeliest tokens and their probabilities, likeliest first."""
+    best = np.argpartition(logits, -k)[-k:]
+    best = best[np.argsort(-logits[best])]
+    shifted = np.exp(logits - logits[best[0]])
+    total = float(shifted.sum())
+    return [(int(t), float(shifted[t]) / total) for t in best]
+

@@ -1,0 +1,102 @@
+"""A draft model in the decode loop: output unchanged, passes priced, a wrong draft refused.
+
+The draft is what ``edgespec export --draft early-exit:8`` writes for the packaged SmolLM2
+(its first 8 of 30 layers, final norm and head), loaded as a second llama.cpp engine.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgespec
+from edgespec.drafting import DraftModelDrafter
+from edgespec.models import resolve_model
+from exporters.drafts import export_draft
+from runtimes.llamacpp import LlamaCppBackend
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def early_exit(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("draft") / "smollm2-exit8.gguf"
+    return export_draft(smollm_path, out, kind="early-exit", exit_layer=8)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm_path: Path, early_exit: Path):
+    """Every drafted tree verified (not adaptive), so the draft is exercised every step."""
+    with edgespec.load(smollm_path, draft_model=early_exit, adaptive=False, ctx=1024) as e:
+        yield e
+
+
+def _chat(engine: edgespec.Engine, prompt: dict, draft: str, **sampling) -> object:
+    return engine.chat([{"role": "user", "content": prompt["turns"][0]}], max_tokens=40,
+                       draft=draft, **sampling)
+
+
+def test_greedy_output_is_plain_decodings(engine: edgespec.Engine,
+                                          dev_prompts: list[dict]) -> None:
+    firsts = {p["category"]: p for p in reversed(dev_prompts)}
+    drafted = accepted = 0
+    for category in ("writing", "math", "code", "summarization", "chat"):
+        plain = _chat(engine, firsts[category], "none")
+        for draft in ("model", "fused"):
+            result = _chat(engine, firsts[category], draft)
+            assert result.token_ids == plain.token_ids, (category, draft)
+            drafted += result.stats.draft_nodes
+            accepted += result.stats.accepted_drafts
+    assert drafted > 0 and accepted > 0  # the draft model really drafted, and was right
+
+
+def test_sampling_with_a_seed_gives_plain_decodings_text(engine: edgespec.Engine,
+                                                         dev_prompts: list[dict]) -> None:
+    for prompt in dev_prompts[:3]:
+        plain = _chat(engine, prompt, "none", temperature=0.8, seed=7)
+        assert _chat(engine, prompt, "model", temperature=0.8, seed=7).token_ids == \
+            plain.token_ids
+
+
+def test_passes_that_cannot_pay_are_not_made(early_exit: Path) -> None:
+    """Priced against a target token that costs nothing, a pass is never worth it: after
+    the first call (nothing measured yet) the drafter only probes, one call in 8; with
+    nothing priced it drafts every call."""
+    context = [1, 504, 3250, 314, 253, 1345, 28]
+    for token_seconds, drafted in ((1e-9, range(0, 2)), (math.inf, range(32, 33))):
+        drafter = DraftModelDrafter(LlamaCppBackend(early_exit, n_ctx=256, max_tree_nodes=1),
+                                    lambda s=token_seconds: s)
+        trees = []
+        try:
+            for step in range(32):
+                trees.append(drafter.draft([*context, 100 + step], budget=4))
+                context.append(100 + step)
+        finally:
+            drafter.close()
+        assert sum(len(t) > 1 for t in trees) in drafted, [len(t) for t in trees]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgespec", "run", *args, "-n", "4"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--draft", "model"], "--draft model needs a draft model: give --draft-model PATH"),
+    (["--draft-model", "/nonexistent/draft.gguf"], "draft model not found"),
+    (["--draft-model", "{exit}", "--memory-budget", "1GB"],
+     "a memory budget does not plan a draft model yet"),
+    (["--draft-model", "{gemma}"], "draft vocabulary differs from the target's: token "),
+])
+def test_a_draft_model_that_cannot_serve_is_refused_in_one_line(
+        args: list[str], message: str, smollm_path: Path, early_exit: Path) -> None:
+    files = {"{exit}": str(early_exit)}
+    if "{gemma}" in args:
+        files["{gemma}"] = str(resolve_model("gemma3-270m"))
+    r = _run(str(smollm_path), "hi", *[files.get(a, a) for a in args])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
