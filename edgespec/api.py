@@ -357,22 +357,26 @@ def load(
     saved = _saved_profile(path, name, threads) if saved_profile else None
     exact_kv = runtimes.backend_class(name).kv_types
     kv_type = exact_kv[0] if kv_type is None else kv_type
+    drafts = None if draft_model is None else _draft_source(path, draft_model)
+    if draft == "model" and drafts is None:
+        raise UserError("--draft model needs a draft model: give --draft-model PATH")
     plan = None if memory_budget is None else memory.plan(
         memory.parse_size(memory_budget), path, name, draft=draft, ctx=ctx,
         min_ctx=min(min_ctx, ctx), tree_size=tree_size, kv_type=kv_type,
-        other_kv_types=tuple(kv for kv in exact_kv if kv != kv_type), profile=saved)
+        other_kv_types=tuple(kv for kv in exact_kv if kv != kv_type), profile=saved,
+        draft_model=drafts)
     options = {"n_ctx": ctx, "threads": threads, "kv_type": kv_type}
     if plan is not None:
         options.update(plan.backend_options, **runtimes.backend_class(name).budget_options)
         draft, tree_size = plan.draft, plan.max_tree_nodes
+        drafts = drafts if plan.draft_model else None  # it did not fit: given up first
     if device is not None:  # CPU, GPU, NPU or AUTO: each backend says what it can run on
         options["device"] = device
-    drafts = None if draft_model is None else _draft_source(path, draft_model, memory_budget)
     target = open_backend(path, name, **options)
-    try:
+    try:  # the draft: the target's context and prefill calls, a token a pass
         draft_backend = None if drafts is None else open_backend(
-            drafts, name, n_ctx=target.n_ctx, threads=target.threads, max_tree_nodes=1,
-            kv_type=kv_type)
+            drafts, name, **{**options, "n_ctx": target.n_ctx, "max_tree_nodes": 1,
+                             "prefill_chunk": target.prefill_chunk, "threads": target.threads})
     except BaseException:
         target.close()
         raise
@@ -384,13 +388,10 @@ def load(
     return engine
 
 
-def _draft_source(target: Path, draft_model: str | Path, budget: str | int | None) -> Path:
+def _draft_source(target: Path, draft_model: str | Path) -> Path:
     """The draft model's file, once it is known to share the target's vocabulary."""
     from exporters.drafts import check_same_vocab  # the exporters' own identity check
 
-    if budget is not None:
-        raise UserError("a memory budget does not plan a draft model yet; "
-                        "drop --memory-budget or --draft-model")
     path = Path(draft_model)
     if not path.exists():
         raise UserError(f"draft model not found: {path}")

@@ -32,7 +32,7 @@ ModelOpt = Annotated[Path | None, typer.Option("-m", "--model", help="Model file
 DraftOpt = Annotated[str, typer.Option("--draft", help=f"Drafter: {'|'.join(DRAFTERS)}.")]
 DraftModelOpt = Annotated[Path | None, typer.Option(
     "--draft-model", help="A smaller model of the same vocabulary to draft with (edgespec "
-    "export --draft writes one); --draft model uses it alone, fused with lookup/recycling.")]
+    "export --with-draft writes one); --draft model uses it alone, fused with lookup/recycling.")]
 ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.")]
 CtxOpt = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")]
 TreeOpt = Annotated[int | None, typer.Option("--tree-size", help="Most tree nodes per step.")]
@@ -242,8 +242,11 @@ def export_cmd(
     to: Annotated[str, typer.Option("--to", help="gguf|onnx|openvino.")] = "gguf",
     quant: Annotated[str | None, typer.Option(
         "--quant", help="gguf: f16|q8_0|q4_0|q4_k_m…; onnx/openvino: fp32|fp16|int8|int4.")] = None,
+    with_draft: Annotated[str | None, typer.Option(
+        "--with-draft", help="Also write a draft: early-exit:E or quant[:TYPE] (run it with "
+        "--draft-model).")] = None,
     draft: Annotated[str | None, typer.Option(
-        "--draft", help="Also write a draft: early-exit:E or quant[:TYPE].")] = None,
+        "--draft", hidden=True, help="The old spelling of --with-draft.")] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output file or directory.")] = Path(
         "model-export"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
@@ -254,7 +257,12 @@ def export_cmd(
     from edgespec.export_cli import run_export
 
     try:
-        run_export(src, out, to=to, quant=quant, draft=draft, force=force,
+        if draft is not None:  # run --draft names a drafter; export's draft is a file
+            if with_draft is not None:
+                raise UserError("give the draft once, with --with-draft")
+            typer.echo("edgespec: export --draft is deprecated; use --with-draft", err=True)
+            with_draft = draft
+        run_export(src, out, to=to, quant=quant, draft=with_draft, force=force,
                    console=Console(stderr=True))
     except UserError as e:
         raise _fail(str(e)) from None
@@ -450,6 +458,7 @@ def serve(
         "--api-key", envvar="EDGESPEC_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     draft: DraftOpt = "fused",
+    draft_model: DraftModelOpt = None,
     tree_size: TreeOpt = None,
     threads: ThreadsOpt = None,
     ctx_size: CtxOpt = 4096,
@@ -482,7 +491,7 @@ def serve(
             typer.echo(f"edgespec: warning: serving on {host} with no --api-key", err=True)
         with load(name, backend=backend, draft=draft, threads=threads, ctx=ctx_size,
                   tree_size=tree_size, device=device, memory_budget=memory_budget,
-                  kv_type=kv_type) as engine:
+                  kv_type=kv_type, draft_model=draft_model) as engine:
             model_id = Path(name).stem if name is not None else default_model_path().stem
             server.serve(engine, sock, model_id=model_id, queue_size=queue,
                          max_tokens_cap=max_tokens_cap, api_key=api_key,

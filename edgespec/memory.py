@@ -12,9 +12,10 @@ runtime, are measured once in a child process (:mod:`runtimes.footprint`).
 
 What is given up, in order, keeps the most decode speed: tree nodes no verify could pay
 for on this device or none verifies exactly (from its saved profile) are never planned;
-then context beyond what the caller needs (a smaller cache is, if anything, faster), the
-prefill batch (only the first token waits longer), the recycling table, tree size, and
-last speculation itself. The KV cache's precision is not given up: a leaner cache changes
+then a draft model the caller gave (a second engine whose every token costs a pass), context
+beyond what the caller needs (a smaller cache is, if anything, faster), the prefill batch
+(only the first token waits longer), the recycling table, tree size, and last speculation
+itself. The KV cache's precision is not given up: a leaner cache changes
 the text, and a budget never does. It is the caller's choice (``kv_type``), and a budget
 too small for it names what a leaner one would need.
 """
@@ -22,6 +23,7 @@ too small for it names what a leaner one would need.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,6 +82,7 @@ class Plan:
     minimum: int | None  # the least budget that runs the model at all (plain, smallest
     # context); None where a measurement stopped at this budget: more than it
     speculation_minimum: int | None  # the least budget at which a drafted tree still fits
+    draft_model: bool = False  # whether the draft model the caller gave fits and is loaded
 
     @property
     def total(self) -> int:
@@ -101,9 +104,14 @@ class _Option:
     kv: str
     k: int
     draft: str
+    model: bool = False  # with the draft model
 
     def sizing(self, n_ctx: int) -> Sizing:
         return Sizing(n_ctx, self.nodes, self.chunk, self.kv)
+
+    def draft_sizing(self, n_ctx: int) -> Sizing:
+        """The draft model's engine: the target's context, one token a pass."""
+        return Sizing(n_ctx, 1, self.chunk, self.kv)
 
 
 def useful_tree_size(profile: BackendProfile | None) -> int:
@@ -118,13 +126,15 @@ def useful_tree_size(profile: BackendProfile | None) -> int:
 
 def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ctx: int,
          tree_size: int, kv_type: str, other_kv_types: tuple[str, ...] = (),
-         profile: BackendProfile | None = None, baseline: int | None = None) -> Plan:
+         profile: BackendProfile | None = None, baseline: int | None = None,
+         draft_model: Path | None = None) -> Plan:
     """The fastest configuration of ``model`` on ``backend`` whose peak RSS stays within
     ``budget``: context between ``min_ctx`` and ``ctx`` tokens, trees of at most
     ``tree_size`` nodes, the KV cache in ``kv_type``. ``baseline``: the process's memory
     before loading (now, if None). A budget that cannot hold the model is refused, naming
     the least that can, and what the KV precisions in ``other_kv_types`` would need if
-    less.
+    less. ``draft_model``: a draft model the caller gave, planned in as a second engine
+    while it fits, and given up first (each of its tokens costs a pass, so it pays least).
 
     The engine's own part comes from the backend's estimate at the smallest and the
     largest context; in between it is interpolated (its buffers grow linearly or, where
@@ -132,7 +142,8 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     and the choice is then estimated exactly.
     """
     low, high = _round_ctx(min(min_ctx, ctx)), _round_ctx(ctx)
-    options = _options(draft, min(tree_size, useful_tree_size(profile)), kv_type)
+    options = _options(draft, min(tree_size, useful_tree_size(profile)), kv_type,
+                       with_model=draft_model is not None)
     alternatives = [replace(options[-1], kv=kv) for kv in other_kv_types]  # named if refused
     sizings = sorted({o.sizing(c) for o in [*options, *alternatives] for c in (low, high)},
                      key=lambda z: (z.n_ctx, z.max_tree_nodes, z.prefill_chunk, z.kv_type))
@@ -144,33 +155,56 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
     weights = reports[0].weights  # the host tables in it are measured: once, for every plan
     engine = {z: weights + r.kv_cache + r.scratch for z, r in zip(sizings, reports)}
     over = {z for z, r in zip(sizings, reports) if r.at_least}  # beyond the budget anyway
+    drafting = sorted({o.draft_sizing(c) for o in options if o.model for c in (low, high)},
+                      key=lambda z: (z.n_ctx, z.prefill_chunk))
+    draft_reports = runtimes.estimate_memory(draft_model, backend, drafting, limit) \
+        if drafting else []
+    draft_engine = {z: draft_reports[0].weights + r.kv_cache + r.scratch
+                    for z, r in zip(drafting, draft_reports)}
+    over |= {z for z, r in zip(drafting, draft_reports) if r.at_least}
+
+    def chord(bytes_at: dict[Sizing, int], sizing: Callable[[int], Sizing], n_ctx: int) -> int:
+        lo, hi = bytes_at[sizing(low)], bytes_at[sizing(high)]
+        return lo + (hi - lo) * (n_ctx - low) // max(high - low, 1)
 
     def cost(o: _Option, n_ctx: int, engine_bytes: int | None = None) -> int:
         if engine_bytes is None:
-            lo, hi = engine[o.sizing(low)], engine[o.sizing(high)]
-            engine_bytes = lo + (hi - lo) * (n_ctx - low) // max(high - low, 1)
+            engine_bytes = chord(engine, o.sizing, n_ctx) + (
+                chord(draft_engine, o.draft_sizing, n_ctx) if o.model else 0)
         known = baseline + engine_bytes + _loop_bytes(o.nodes, vocab) + _drafter_bytes(o.k, vocab)
         return known + _headroom(known)
+
+    def exact(o: _Option, n_ctx: int) -> tuple[MemoryReport, MemoryReport | None]:
+        """The estimates at ``n_ctx`` itself, of the target and of a planned draft model."""
+        target = replace(runtimes.estimate_memory(model, backend, [o.sizing(n_ctx)], limit)[0],
+                         weights=weights)
+        if not o.model:
+            return target, None
+        drafts = runtimes.estimate_memory(draft_model, backend, [o.draft_sizing(n_ctx)], limit)
+        return target, replace(drafts[0], weights=draft_reports[0].weights)
 
     def least(chosen: list[_Option]) -> int | None:
         """The least budget for any of ``chosen`` at the smallest context (None: more than
         this one, as far as a measurement stopped at it can tell)."""
-        known = [cost(o, low) for o in chosen if o.sizing(low) not in over]
+        known = [cost(o, low) for o in chosen if o.sizing(low) not in over
+                 and not (o.model and o.draft_sizing(low) in over)]
         return min(known, default=None)
 
     minimum = least(options[-1:])
     speculation_minimum = least([o for o in options if o.nodes > 1])
     for option in options:
-        fitted = [c for c in range(high, low - 1, -CTX_STEP) if cost(option, c) <= budget]
+        shortest = high if option.model else low  # the model goes before any context
+        fitted = [c for c in range(high, shortest - 1, -CTX_STEP) if cost(option, c) <= budget]
         for n_ctx in fitted:  # the chord bounds the exact cost where it grows convexly; check
-            report = replace(runtimes.estimate_memory(
-                model, backend, [option.sizing(n_ctx)], limit)[0], weights=weights)
-            if not report.at_least and cost(option, n_ctx, report.total) <= budget:
+            report, drafts = exact(option, n_ctx)
+            reports_over = report.at_least or (drafts is not None and drafts.at_least)
+            total = report.total + (drafts.total if drafts else 0)
+            if not reports_over and cost(option, n_ctx, total) <= budget:
                 used = min(ctx, n_ctx)
                 return Plan(budget, used, option.nodes, option.chunk, option.kv, option.k,
                             option.draft,
-                            _components(baseline, report, used, option, vocab),
-                            minimum, speculation_minimum)
+                            _components(baseline, report, used, option, vocab, drafts),
+                            minimum, speculation_minimum, option.model)
     least_text = f"the least is {_mb(minimum)}" if minimum else "it needs more"
     for alternative in alternatives:
         need = least([alternative])
@@ -180,16 +214,23 @@ def plan(budget: int, model: Path, backend: str, *, draft: str, ctx: int, min_ct
                     f"{low}-token context on {backend}; {least_text} (--memory-budget)")
 
 
-def _options(draft: str, cap: int, kv: str) -> list[_Option]:
-    """From fastest to leanest, giving up first what costs decode speed least: the prefill
-    batch (only the first token waits longer), then the recycling table, then tree size;
-    plain decoding last."""
+def _options(draft: str, cap: int, kv: str, with_model: bool = False) -> list[_Option]:
+    """From fastest to leanest, giving up first what costs decode speed least: the draft
+    model (its tokens cost a pass each, so it pays least), the prefill batch (only the
+    first token waits longer), then the recycling table, then tree size; plain decoding
+    last."""
     drafters = {"fused": [(k, "fused") for k in RECYCLING_K] + [(0, "lookup")],
                 "recycling": [(k, "recycling") for k in RECYCLING_K],
                 "lookup": [(0, "lookup")]}.get(draft, [])
-    shapes = [(nodes, k, name) for nodes in TREE_SIZES if nodes <= cap for k, name in drafters]
-    return [_Option(nodes, chunk, kv, k, name)
-            for nodes, k, name in [*shapes, (1, 0, "none")] for chunk in _chunks(nodes)]
+    modelled = {"fused": [(RECYCLING_K[0], "fused")], "model": [(0, "model")]}.get(draft, [])
+    largest = [nodes for nodes in TREE_SIZES if nodes <= cap][:1]
+    shapes = [(nodes, k, name, True) for nodes in largest  # the model with nothing given up
+              for k, name in (modelled if with_model else [])]
+    shapes += [(nodes, k, name, False) for nodes in TREE_SIZES if nodes <= cap
+               for k, name in drafters]
+    return [_Option(nodes, chunk, kv, k, name, model)
+            for nodes, k, name, model in [*shapes, (1, 0, "none", False)]
+            for chunk in _chunks(nodes)]
 
 
 def _chunks(nodes: int) -> list[int]:
@@ -219,7 +260,7 @@ def _drafter_bytes(k: int, vocab: int) -> int:
 
 
 def _components(baseline: int, est: MemoryReport, ctx: int, option: _Option,
-                vocab: int) -> tuple[Component, ...]:
+                vocab: int, drafts: MemoryReport | None = None) -> tuple[Component, ...]:
     parts = [Component("process", baseline, "the interpreter and libraries, measured now"),
              Component("weights", est.weights,
                        "the model's tensors as the engine holds them, its vocabulary and "
@@ -232,6 +273,9 @@ def _components(baseline: int, est: MemoryReport, ctx: int, option: _Option,
              Component("tree logits (loop)", _loop_bytes(option.nodes, vocab),
                        f"the verified rows of a {option.nodes}-token step, and their "
                        "probabilities")]
+    if drafts is not None:
+        parts.append(Component("draft model", drafts.total,
+                               f"its tensors, its KV for {ctx:,} tokens and its buffers"))
     if option.k:
         parts.append(Component("recycling table", _drafter_bytes(option.k, vocab),
                                f"{vocab:,} tokens × {option.k} successors"))
@@ -239,7 +283,8 @@ def _components(baseline: int, est: MemoryReport, ctx: int, option: _Option,
                            "allocator slack, thread stacks, a generation's Python objects"))
     parts.append(Component("drafter", 0, {"none": "none: plain decoding",
                                           "lookup": "prompt lookup: indexes the context"}
-                           .get(option.draft, option.draft)))
+                           .get(option.draft, option.draft)
+                           + (", with the draft model" if option.model else "")))
     return tuple(parts)
 
 

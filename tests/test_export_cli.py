@@ -24,7 +24,7 @@ def edgespec(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_gguf_export_with_early_exit_draft(tiny_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "model-q8.gguf"
     r = edgespec("export", str(tiny_gguf), "--to", "gguf", "--quant", "q8_0",
-                 "--draft", "early-exit:1", "-o", str(out))
+                 "--with-draft", "early-exit:1", "-o", str(out))
     assert r.returncode == 0, r.stderr
     draft = tmp_path / "model-q8.draft-exit1.gguf"
     assert {p.name for p in tmp_path.iterdir()} == {out.name, draft.name}
@@ -32,7 +32,8 @@ def test_gguf_export_with_early_exit_draft(tiny_gguf: Path, tmp_path: Path) -> N
     meta = read_gguf(draft).metadata
     assert meta[KEY_EXIT] == 1 and meta[KEY_VOCAB] == check_same_vocab(out, draft)
     assert meta["llama.block_count"] == 1 and read_gguf(out).metadata["llama.block_count"] == 2
-    run = edgespec("run", "-m", str(out), "--raw", "-p", "Hello", "-n", "4", "--quiet")
+    run = edgespec("run", "-m", str(out), "--raw", "-p", "Hello", "-n", "4", "--quiet",
+                   "--draft-model", str(draft), "--draft", "model")
     assert run.returncode == 0, run.stderr
 
 
@@ -40,8 +41,9 @@ def test_onnx_export_directory_runs(tiny_gguf: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     out = tmp_path / "tiny-onnx"
     r = edgespec("export", str(tiny_gguf), "--to", "onnx", "--quant", "int8",
-                 "--draft", "early-exit:1", "-o", str(out))
+                 "--draft", "early-exit:1", "-o", str(out))  # the old spelling still works
     assert r.returncode == 0, r.stderr
+    assert "export --draft is deprecated; use --with-draft" in r.stderr
     assert (out / "model.onnx").is_file() and (out / "exit1.onnx").is_file()
     run = edgespec("run", str(out), "--raw", "-p", "Hello", "-n", "4", "--quiet")  # the dir
     assert run.returncode == 0, run.stderr
@@ -51,8 +53,9 @@ def test_onnx_export_directory_runs(tiny_gguf: Path, tmp_path: Path) -> None:
     (("--to", "tflite"), "unknown export format 'tflite'"),
     (("--to", "onnx", "--quant", "q4_0"), "onnx exports take --quant"),
     (("--to", "gguf", "--quant", "q2_k"), "q2_k"),
-    (("--to", "gguf", "--draft", "early-exit:7"), "needs an exit layer in 1..1"),
-    (("--to", "gguf", "--draft", "medusa"), "unknown draft 'medusa'"),
+    (("--to", "gguf", "--with-draft", "early-exit:7"), "needs an exit layer in 1..1"),
+    (("--to", "gguf", "--with-draft", "medusa"), "unknown draft 'medusa'"),
+    (("--draft", "quant", "--with-draft", "quant"), "give the draft once, with --with-draft"),
 ])
 def test_bad_options_fail_in_one_line(tiny_gguf: Path, tmp_path: Path, args: tuple,
                                       message: str) -> None:

@@ -204,6 +204,37 @@ def test_a_slot_estimate_and_contract_hold_for_smollm2(
     assert abs(grown - reported) < 0.1 * reported, (grown / MB, reported / MB)
 
 
+def test_a_draft_model_is_planned_in_and_given_up_first(smollm_path: Path,
+                                                        tmp_path: Path) -> None:
+    """A draft model is a second engine: planned in while it fits (its tensors, KV and
+    buffers), given up before anything else when it does not, and within the promise."""
+    from exporters.drafts import export_draft
+
+    draft = export_draft(smollm_path, tmp_path / "exit8.gguf", kind="early-exit", exit_layer=8)
+
+    def planned(budget: int, model: Path | None = draft):
+        return plan(budget, smollm_path, "llamacpp", draft="fused", ctx=1024, min_ctx=512,
+                    tree_size=16, kv_type="f16", baseline=100 * MB, draft_model=model)
+
+    planned(10**10)  # llama.cpp's one-time setup, as above
+    roomy, without = planned(10**10), planned(10**10, None)
+    assert roomy.draft_model and not without.draft_model
+    extra = next(c.bytes for c in roomy.components if c.name == "draft model")
+    assert extra > draft.stat().st_size * 0.9  # its tensors at least
+    squeezed = planned(without.total + extra // 2)
+    assert not squeezed.draft_model and squeezed.max_tree_nodes == 16  # the first to go
+    args = ["run", str(smollm_path), "Write a haiku about rain.", "-n", "32", "-c", "1024",
+            "--draft-model", str(draft), "--explain", "-q"]
+    code, _, err, _ = _run_peak([*args, "--memory-budget", "4GB"], tmp_path)
+    assert code == 0, err
+    total = float(re.search(r"total \(peak\)\s*\S\s*([\d,.]+)", err).group(1)
+                  .replace(",", ""))
+    budget = int((total + 2) * MB)  # the plan with the draft model, and little more
+    code, _, err, peak = _run_peak([*args, "--memory-budget", str(budget)], tmp_path)
+    assert code == 0 and "draft model" in err, err
+    assert peak <= budget, (peak / MB, budget / MB)
+
+
 def test_a_budget_below_the_minimum_is_refused_naming_it(smollm_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "edgespec", "run", str(smollm_path), "hi",
                         "--memory-budget", "50MB"], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,16 @@
 """A draft model: a smaller model with the target's vocabulary drafts a chain, a pass a token.
 
 Its usual form is the target's own first layers or a lower-bit copy of it (``edgespec
-export --draft``), loaded as a second engine beside the target with its own KV cache, which
+export --with-draft``), loaded as a second engine beside the target with its own KV cache, which
 follows the target's context: cut back to what the two share, the rest fed in one call.
 
 Unlike lookup and recycling, every drafted token costs a forward pass, so the drafter prices
 it in the target's own currency, the verify cost of one token (``token_seconds``): it goes a
 token deeper only while the next token's expected acceptance is worth more than the pass,
 and drafts at all only while its first tokens are accepted often enough to pay. Idle, it
-probes one token every :data:`PROBE_EVERY` calls, so the estimate can recover.
+still probes a token now and then so the estimate can recover, but a probe must first
+feed the draft every token since the last one, which costs as much per token as drafting
+does: probes are rationed to :data:`EXPLORE` of the idle steps' time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from edgespec.drafting.base import AcceptanceStats, ShadowLog, common_prefix
 from edgespec.tree import TokenTree, TreeBuilder
 from runtimes.base import Backend
 
-PROBE_EVERY = 8
+EXPLORE = 0.05  # the share of idle steps' time that probing may take
 _BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.97)  # the draft's own probability, bucketed
 _RUNNER_UP = 0.8  # below this confidence the draft's second choice is proposed too
 
@@ -41,17 +43,21 @@ class DraftModelDrafter:
         self._cached: list[int] = []  # the tokens in the draft's KV cache
         self.pass_s = 0.0  # seconds of one draft pass of one token (moving average)
         self.first = 0.5  # moving average of the first drafted node's estimate
-        self._idle = 0
+        self._idle_s = 0.0  # what the target's steps took while the drafter stood idle
+        self._probing_s = 0.0  # what probing took meanwhile
 
     def draft(
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
         entry_score: float = 0.0,
     ) -> TokenTree:
-        price = self.pass_s / max(self._token_seconds(), 1e-9)  # one pass, in verified tokens
+        token_s = self._token_seconds()
+        price = self.pass_s / max(token_s, 1e-9)  # one pass, in verified tokens
         if self.first < entry_score + price:
-            self._idle += 1
-            if self._idle % PROBE_EVERY == 0:
+            self._idle_s += token_s
+            if self._probing_s <= EXPLORE * self._idle_s:
+                start = time.perf_counter()
                 token, q = _top(self._logits_after(context), 1)[0]
+                self._probing_s += time.perf_counter() - start
                 self._shadow.probe(context, token, self._key(q, ""))
                 self.first += 0.1 * (self.stats.rate(self._key(q, ""), q) - self.first)
             return TokenTree.root(context[-1])
