@@ -40,7 +40,7 @@ class DraftSpec:
         kind, _, arg = text.partition(":")
         if kind == "early-exit":
             if not arg.isdigit() or int(arg) < 1:
-                raise UserError(f"--draft early-exit needs a layer count, e.g. early-exit:4 "
+                raise UserError(f"--with-draft early-exit needs a layer count, e.g. early-exit:4 "
                                 f"(got {text!r})")
             return cls("early-exit", exit_layer=int(arg))
         if kind == "quant":
@@ -130,7 +130,7 @@ def _export_draft(src: Path, out: Path, to: str, quant: str, draft: DraftSpec, f
     from exporters.drafts import export_draft
 
     if to == "openvino":
-        raise UserError("OpenVINO exports take early-exit drafts only (--draft early-exit:E)")
+        raise UserError("OpenVINO exports take early-exit drafts only (--with-draft early-exit:E)")
     draft_quant = draft.quant if draft.kind == "quant" else (quant if to == "gguf" else None)
     tag = f"exit{draft.exit_layer}" if draft.kind == "early-exit" else (draft_quant or "quant")
     target = out.with_name(f"{out.stem}.draft-{tag}{out.suffix}")

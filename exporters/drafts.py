@@ -38,7 +38,7 @@ KEY_KIND = "edgespec.draft.kind"
 KEY_VOCAB = "edgespec.draft.target_vocab_sha256"
 KEY_EXIT = "edgespec.draft.exit_layer"
 DEFAULT_QUANT = {"gguf": "q4_0", "onnx": "int4"}  # a quant draft's type when none is given
-_CHECK_HINT = "use a draft exported from the target (edgespec export --draft)"
+_CHECK_HINT = "use a draft exported from the target (edgespec export --with-draft)"
 
 
 def export_draft(

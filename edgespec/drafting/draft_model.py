@@ -10,7 +10,8 @@ token deeper only while the next token's expected acceptance is worth more than 
 and drafts at all only while its first tokens are accepted often enough to pay. Idle, it
 still probes a token now and then so the estimate can recover, but a probe must first
 feed the draft every token since the last one, which costs as much per token as drafting
-does: probes are rationed to :data:`EXPLORE` of the idle steps' time.
+does: probes are rationed to :data:`EXPLORE` of the idle steps' time, and there are none
+while the price alone says that even a draft that is always right could not pay.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class DraftModelDrafter:
         price = self.pass_s / max(token_s, 1e-9)  # one pass, in verified tokens
         if self.first < entry_score + price:
             self._idle_s += token_s
-            if self._probing_s <= EXPLORE * self._idle_s:
+            hopeless = entry_score + price >= 1.0  # not even a draft always right would pay
+            if not hopeless and self._probing_s <= EXPLORE * self._idle_s:
                 start = time.perf_counter()
                 token, q = _top(self._logits_after(context), 1)[0]
                 self._probing_s += time.perf_counter() - start
@@ -105,7 +107,8 @@ class DraftModelDrafter:
         start = time.perf_counter()
         logits = self.backend.prefill(tokens)
         if len(tokens) == 1:
-            self.pass_s += 0.2 * (time.perf_counter() - start - self.pass_s)
+            seconds = time.perf_counter() - start
+            self.pass_s += 0.2 * (seconds - self.pass_s) if self.pass_s else seconds
         self._cached.extend(tokens)
         return logits
 
