@@ -27,7 +27,7 @@ LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPL
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
 PROMPT      ?= Summarize in two sentences: speculative decoding lets a small, fast guesser propose several tokens that the large model then checks in one pass, so the output is exactly what the large model would write, only sooner.
 
-.PHONY: run test fuzz lint bench bench-memory install install-test wheel system-deps llama-cflags llama-version clean
+.PHONY: run test fuzz lint bench bench-memory bench-drafts install install-test wheel system-deps llama-cflags llama-version clean
 
 run: install
 	$(BIN)/edgespec run -n 128 -p "$(PROMPT)"
@@ -76,6 +76,24 @@ bench-memory: install-test
 	$(BIN)/python -m edgespec.bench_report docs/memory.md --title "Speed under a memory budget" \
 		$(foreach r,$(MEM_RUNS),$(MEM_OUT)/$(word 1,$(subst :, ,$(r)))-$(word 2,$(subst :, ,$(r)))) \
 		$(addprefix $(MEM_OUT)/,$(addsuffix -kv,$(BENCH_MODELS)))
+
+# Draft models beside the packaged SmolLM2: its first E layers (export --with-draft), each
+# with --draft model alone and fused with lookup and recycling, against plain and fused
+DRAFT_OUT   ?= bench-out/drafts
+comma := ,
+space := $(empty) $(empty)
+DRAFT_EXITS := 16 24 28
+bench-drafts: install-test
+	target=$$($(BIN)/python -c "from edgespec.models import default_model_path as p; print(p())"); \
+	for e in $(DRAFT_EXITS); do $(BIN)/edgespec export $$target --to gguf --force \
+		--with-draft early-exit:$$e -o $(DRAFT_OUT)/smollm2.gguf || exit 1; \
+		mv $(DRAFT_OUT)/smollm2.draft-exit$$e.gguf $(DRAFT_OUT)/exit$$e.gguf; done
+	$(BIN)/edgespec bench -m smollm2-135m --backend llamacpp --prompts ../shared/prompts/dev.jsonl -n 128 --peers none --limit 2 --repeat 2 \
+		--draft fused --draft model \
+		--draft-model $(subst $(space),$(comma),$(foreach e,$(DRAFT_EXITS),$(DRAFT_OUT)/exit$(e).gguf)) \
+		--out $(DRAFT_OUT)/smollm2-135m
+	$(BIN)/python -m edgespec.bench_report docs/draft-models.md --title "Draft models beside the target" \
+		$(DRAFT_OUT)/smollm2-135m
 
 # Peers whose dependencies conflict with edgespec's (and with each other: the model builder
 # needs a newer transformers than optimum-intel allows) get virtualenvs of their own, made

@@ -13,11 +13,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from edgespec.device import DeviceFacts
 from edgespec.profiler import BackendProfile
+from runtimes.base import write_json
 from runtimes.formats import MANIFEST
 
 SCHEMA = 1
@@ -54,20 +54,10 @@ def save(device: DeviceFacts, model: Path, profiles: list[BackendProfile]) -> Pa
     """Write one backend's profiles (one per thread count) atomically; returns the file."""
     first = profiles[0]
     path = profile_path(device.key(), model, first.backend, first.build)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"schema": SCHEMA, "device": device.as_dict(), "model": str(model),
               "backend": first.backend, "build": first.build,
               "profiles": [p.as_dict() for p in profiles]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_json(path, record, indent=1)
     return path
 
 

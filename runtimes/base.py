@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import resource
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +67,30 @@ def rss() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+STALE_TEMPORARY_S = 60.0  # a temporary this old is a killed writer's: writes take ms
+
+
+def write_json(path: Path, data: object, *, indent: int | None = None) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary beside it, synced, renamed
+    into place. Temporaries a killed writer left (older than :data:`STALE_TEMPORARY_S`) go
+    first, so caches do not collect them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(f".{path.name}.*"):
+        with contextlib.suppress(OSError):  # another writer's, or gone already
+            if time.time() - left.stat().st_mtime > STALE_TEMPORARY_S:
+                left.unlink()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def peak_rss_bytes() -> int:

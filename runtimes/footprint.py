@@ -19,18 +19,26 @@ ONNX Runtime (2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgespec.errors import UserError
-from runtimes.base import Backend, MemoryReport, Sizing, default_threads, peak_rss_bytes, rss
+from runtimes.base import (
+    Backend,
+    MemoryReport,
+    Sizing,
+    default_threads,
+    peak_rss_bytes,
+    rss,
+    write_json,
+)
 
 VERSION = 7  # bump when what a reading covers changes: older readings are measured again
 BLOCK = 16  # a generation's window grows a token at a time; the walk calls at every 16th
@@ -128,15 +136,8 @@ def _read(cache: Path) -> Readings:
 
 
 def _write(cache: Path, readings: Readings) -> None:
-    """Whole or not at all: a temporary file renamed into place."""
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", dir=cache.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump([_row(s, r) for s, r in readings.items()], f)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only cache costs a measurement next time, nothing else
+    with contextlib.suppress(OSError):  # a read-only cache costs a measurement next time
+        write_json(cache, [_row(s, r) for s, r in readings.items()])
 
 
 # -- the child -------------------------------------------------------------------------------

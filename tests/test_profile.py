@@ -139,7 +139,8 @@ for i in itertools.count():
 def test_a_profile_write_killed_at_any_moment_leaves_a_whole_profile(
         tiny_gguf: Path, tmp_path: Path) -> None:
     """SIGKILL (no handler runs) at 40 moments while a process rewrites one profile as
-    fast as it can: the profile it leaves always loads whole, with no warning."""
+    fast as it can: the profile it leaves always loads whole, with no warning, and the
+    next write clears the temporaries the kills left."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     rng, seen = random.Random(0), set()
     for _ in range(40):
@@ -157,3 +158,10 @@ def test_a_profile_write_killed_at_any_moment_leaves_a_whole_profile(
         assert check.returncode == 0 and not check.stderr, check.stderr  # no corrupt warning
         seen.add(int(check.stdout))
     assert seen == {1, 2}, "the kills did not land at different writes: the test proved little"
+    # what the killed writers left behind goes at the next write, once it is old enough
+    left = [p for p in tmp_path.rglob(".*.json.*") if p.is_file()]
+    for path in left:
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    subprocess.run([sys.executable, "-c", KILLED_WRITER.replace("itertools.count()", "range(1)"),
+                    str(tiny_gguf)], env=env, check=True, capture_output=True)
+    assert left and not [p for p in left if p.exists()], len(left)
