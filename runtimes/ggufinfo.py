@@ -187,7 +187,13 @@ def _parse(path: Path, buf: bytes | mmap.mmap) -> GGUFInfo:
         shown = _shown(name)
         if name in tensors:
             raise ValueError(f"tensor {shown} appears twice")
-        tensors[name] = (_dims(cur, shown), _tensor_type(cur.scalar("I"), shown), cur.scalar("Q"))
+        dims, qtype = _dims(cur, shown), _tensor_type(cur.scalar("I"), shown)
+        if len(dims) == 1 and qtype != GGMLQuantizationType.F32:
+            # ggml's CPU ops abort on it ("binary_op: unsupported types"); converters write
+            # every 1-D tensor as F32
+            raise ValueError(f"tensor {shown} is a vector in {qtype.name}; norms and biases "
+                             "are F32 in every model file")
+        tensors[name] = (dims, qtype, cur.scalar("Q"))
     align = metadata.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise ValueError(f"general.alignment = {_shown(align)} is not a power of two")

@@ -10,6 +10,7 @@ A bounded number runs here; `make fuzz` runs 10,000.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgespec.errors import UserError
+from edgespec.models import default_model_path
 from exporters.gguf import copy_gguf
 from runtimes.ggufinfo import read_gguf
 from tests.gguf_fuzz import Campaign, Layout, NativeWorker, bases
@@ -61,13 +63,17 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small_vocab_llama(tmp_path_factory.mktemp("small") / "small.gguf")
 
 
-def _i32_norm(small: Path, bad: Path) -> None:
-    """A norm weight's type F32 → I32: same size, so the file is otherwise whole."""
-    layout = Layout.of(small)
-    norm = next(i for i, t in enumerate(gguf.GGUFReader(small).tensors) if len(t.shape) == 1)
-    data = bytearray(small.read_bytes())
-    data[layout.tensor_types[norm]:layout.tensor_types[norm] + 4] = (26).to_bytes(4, "little")
-    bad.write_bytes(data)
+def _norm_as(qtype: int, name: str = "") -> Callable[[Path, Path], None]:
+    """The first norm weight named ``name…`` typed F32 → ``qtype`` (I32: the same size;
+    F16: half, the rest of the file unchanged), so the file is otherwise whole."""
+    def make(small: Path, bad: Path) -> None:
+        layout = Layout.of(small)
+        norm = next(i for i, t in enumerate(gguf.GGUFReader(small).tensors)
+                    if len(t.shape) == 1 and t.name.startswith(name))
+        data = bytearray(small.read_bytes())
+        data[layout.tensor_types[norm]:layout.tensor_types[norm] + 4] = qtype.to_bytes(4, "little")
+        bad.write_bytes(data)
+    return make
 
 
 def _twice(small: Path, bad: Path) -> None:
@@ -80,9 +86,12 @@ def _twice(small: Path, bad: Path) -> None:
      "block_count = 600; llama.cpp runs at most 512 layers"),
     (lambda s, b: copy_gguf(s, b, metadata={"llama.attention.layer_norm_rms_epsilon": -1.0}),
      "layer_norm_rms_epsilon = -1.0"),
-    (_i32_norm, "has type I32, which no model file uses"),
+    (_norm_as(26), "has type I32, which no model file uses"),
     (_twice, "the vocabulary has the token 'a' twice"),
-], ids=["layers", "epsilon", "i32-norm", "token-twice"])
+    # a CI run's 258th case (a layer's F16 norm, or the small model's, fails cleanly)
+    (lambda s, b: _norm_as(1, "output_norm")(default_model_path(), b),
+     "is a vector in F16; norms and biases are F32"),
+], ids=["layers", "epsilon", "i32-norm", "token-twice", "f16-norm"])
 def test_what_the_fuzzer_found_aborts_llama_cpp_and_is_refused(
         small: Path, tmp_path: Path, make, message: str) -> None:
     """Each rule the fuzzer taught: llama.cpp aborts the process on the file (GGML_ASSERT),
