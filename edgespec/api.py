@@ -23,7 +23,7 @@ from edgespec import memory, profile_store
 from edgespec.autotune import CostCurve, SpeculationPolicy
 from edgespec.chat import ChatTemplate, Message
 from edgespec.device import device_key
-from edgespec.drafting import Drafter, DraftModelDrafter, make_drafter
+from edgespec.drafting import EARLY_EXIT, Drafter, ModelDrafter, SecondEngine, make_drafter
 from edgespec.engine import DecodeLoop, GenerationStats
 from edgespec.errors import UserError
 from edgespec.models import open_backend, resolve_model
@@ -80,8 +80,8 @@ class Engine:
         self.adaptive = adaptive
         self._drafters: dict[str, Drafter | None] = {}
         self._recycling_k = recycling_k
-        self._model_drafter = None if draft_backend is None else DraftModelDrafter(
-            draft_backend, self._token_seconds)
+        self._model_drafter = None if draft_backend is None else ModelDrafter(
+            SecondEngine(draft_backend), self._token_seconds)
         self.plan: memory.Plan | None = None  # set by load() under a memory budget
         self._drafter(draft)  # validate the name now, not at the first generation
         self.model = model
@@ -217,9 +217,10 @@ class Engine:
 
     def _drafter(self, name: str) -> Drafter | None:
         if name not in self._drafters:
-            self._drafters[name] = make_drafter(name, self.backend.vocab_size,
+            self._drafters[name] = make_drafter(name, self.backend,
                                                 recycling_k=self._recycling_k,
-                                                model=self._model_drafter)
+                                                model=self._model_drafter,
+                                                token_seconds=self._token_seconds)
         return self._drafters[name]
 
     def _token_seconds(self) -> float:
@@ -360,6 +361,9 @@ def load(
     drafts = None if draft_model is None else _draft_source(path, draft_model)
     if draft == "model" and drafts is None:
         raise UserError("--draft model needs a draft model: give --draft-model PATH")
+    if draft.startswith(EARLY_EXIT) and memory_budget is not None:
+        raise UserError(f"a memory budget does not plan --draft {draft} yet; drop "
+                        "--memory-budget, or export the exit as a draft model")
     plan = None if memory_budget is None else memory.plan(
         memory.parse_size(memory_budget), path, name, draft=draft, ctx=ctx,
         min_ctx=min(min_ctx, ctx), tree_size=tree_size, kv_type=kv_type,

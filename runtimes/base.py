@@ -175,6 +175,9 @@ class Backend(Protocol):
     """The most tokens one :meth:`prefill` evaluates as a batch. The decode loop prefills a
     prompt in chunks starting at multiples of it, so a reused prefix was evaluated in the
     same batches as a fresh one."""
+    exit_layers: Sequence[int]
+    """The layers an early-exit draft can leave the model after (:meth:`draft_logits`);
+    empty where the engine has none (llama.cpp)."""
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         """Token ids of ``text``; ``special`` parses control tokens like ``<|im_end|>``."""
@@ -197,6 +200,11 @@ class Backend(Protocol):
 
     def commit(self, path: Sequence[int]) -> None:
         """Keep the KV of the root path ``path`` (node indices, root first); drop the rest."""
+
+    def draft_logits(self, ids: Sequence[int] | TokenTree, exit_layer: int) -> np.ndarray:
+        """Logits ``[n, vocab]`` of the model cut after ``exit_layer`` blocks (one of
+        :attr:`exit_layers`) for ``ids`` after the cached context, reading the cache the full
+        model wrote; nothing is kept (cache, ``n_past`` and a pending verify stay)."""
 
     def truncate(self, n_past: int) -> None:
         """Forget everything from position ``n_past`` on (multi-turn rewind, error recovery)."""

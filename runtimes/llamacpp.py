@@ -220,6 +220,12 @@ class LlamaCppBackend:
             self.n_past += len(chunk)
         return self._logits(1)[0].copy() if logits else None
 
+    exit_layers: Sequence[int] = ()  # its graph has no exit (a draft model stands in)
+
+    def draft_logits(self, ids: Sequence[int] | TokenTree, exit_layer: int) -> np.ndarray:
+        raise UserError("llama.cpp has no early exit inside the model; use a draft model "
+                        "(export --with-draft early-exit:E, then --draft-model PATH)")
+
     def verify(self, tree: TokenTree) -> np.ndarray:
         if len(tree) > self.max_tree_nodes:
             raise ValueError(f"tree of {len(tree)} nodes exceeds {self.max_tree_nodes} nodes")

@@ -217,6 +217,11 @@ class ReferenceBackend:
 
     # --- early exit ----------------------------------------------------------------------
 
+    @property
+    def exit_layers(self) -> range:
+        """Any layer but the last: the reference computes the exit from its own weights."""
+        return range(1, self.cfg.n_layer)
+
     def draft_logits(self, ids_or_tree: Sequence[int] | TokenTree, exit_layer: int) -> np.ndarray:
         """Logits ``[n, vocab]`` of a draft that exits after layer ``exit_layer``.
 

@@ -179,5 +179,7 @@ def test_fused_merges_both_drafters_into_one_tree() -> None:
     assert tree.tokens.count(4) == 1 or tree.parents[tree.tokens.index(4)] == 0
 
 
-def test_make_drafter_none_is_plain_decoding() -> None:
-    assert make_drafter("none", 10) is None
+def test_make_drafter_none_is_plain_decoding(tiny_gguf) -> None:
+    from runtimes.reference import ReferenceBackend
+
+    assert make_drafter("none", ReferenceBackend(tiny_gguf)) is None

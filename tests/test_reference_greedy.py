@@ -8,11 +8,13 @@ the answer (so long paths are accepted and committed on every step).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from edgespec.api import Engine
-from edgespec.drafting import DRAFTERS
+from edgespec.drafting import DRAFTERS, EARLY_EXIT
 from edgespec.models import default_model_path
 from edgespec.tree import TokenTree
 from edgespec.verify import SamplingParams, accept
@@ -24,24 +26,36 @@ REPETITIVE = "abcdefabcdefabcdefabc"
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> ReferenceBackend:
+def letters(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 17-letter model: its greedy output wanders but repeats itself, so lookup and
     recycling drafts do get accepted (a 49k-token random model never repeats)."""
-    path = write_small_vocab_llama(tmp_path_factory.mktemp("greedy") / "letters.gguf", seed=1)
-    return ReferenceBackend(path, n_ctx=512, threads=1)
+    return write_small_vocab_llama(tmp_path_factory.mktemp("greedy") / "letters.gguf", seed=1)
 
 
-def greedy_ids(backend: ReferenceBackend, prompt: str, draft: str) -> tuple[list[int], int]:
+@pytest.fixture(scope="module")
+def backend(letters: Path) -> ReferenceBackend:
+    return ReferenceBackend(letters, n_ctx=512, threads=1)
+
+
+# every drafter, the ones that run a model made concrete: the model's own first layer, and
+# the model as its own draft model (a second engine, so long drafts are accepted)
+DRAFTS = [d for d in DRAFTERS if d not in ("none", "model", f"{EARLY_EXIT}:E")]
+DRAFTS += [f"{EARLY_EXIT}:1", "model"]
+
+
+def greedy_ids(backend: ReferenceBackend, prompt: str, draft: str,
+               draft_backend: ReferenceBackend | None = None) -> tuple[list[int], int]:
     """Token ids of a greedy generation and how many drafted tokens were accepted."""
-    engine = Engine(backend, draft=draft, adaptive=False)
+    engine = Engine(backend, draft=draft, adaptive=False, draft_backend=draft_backend)
     result = engine.generate(prompt, max_tokens=N_TOKENS, temperature=0.0)
     return result.token_ids, result.stats.accepted_drafts
 
 
-@pytest.mark.parametrize("draft", [d for d in DRAFTERS if d != "none"])
-def test_every_drafter_leaves_greedy_output_unchanged(backend, draft: str) -> None:
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_every_drafter_leaves_greedy_output_unchanged(backend, letters: Path, draft: str) -> None:
     plain, _ = greedy_ids(backend, REPETITIVE, "none")
-    speculative, accepted = greedy_ids(backend, REPETITIVE, draft)
+    second = ReferenceBackend(letters, n_ctx=512, threads=1) if draft == "model" else None
+    speculative, accepted = greedy_ids(backend, REPETITIVE, draft, second)
     assert speculative == plain
     assert accepted >= 5, "no drafts accepted: the comparison would prove nothing"
 
@@ -90,11 +104,13 @@ def _tree_around(truth: list[int], root: int, vocab: int, rng: np.random.Generat
 @pytest.mark.slow
 def test_smollm2_speculative_greedy_is_plain_greedy(dev_prompts: list[dict]) -> None:
     """The shipped SmolLM2 on the reference backend, 32 tokens of two dev prompts, every
-    drafter. One engine, so the prompt's KV is reused across the generations."""
+    drafter that needs no model (the letters model above runs those: numpy re-runs an
+    exit's whole chain every pass). One engine, so the prompt's KV is reused across the
+    generations."""
     engine = Engine(ReferenceBackend(default_model_path(), n_ctx=2048, threads=1), adaptive=False)
     for row in dev_prompts[:2]:
         prompt = engine.render_chat([{"role": "user", "content": row["turns"][0]}])
         plain = engine.generate(prompt, max_tokens=N_TOKENS, draft="none").token_ids
-        for draft in DRAFTERS:
+        for draft in DRAFTS[:-2]:
             result = engine.generate(prompt, max_tokens=N_TOKENS, draft=draft)
             assert result.token_ids == plain, (row["id"], draft)

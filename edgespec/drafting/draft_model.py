@@ -1,8 +1,8 @@
-"""A draft model: a smaller model with the target's vocabulary drafts a chain, a pass a token.
+"""Model drafts: a model with the target's vocabulary drafts a chain, a forward pass a token.
 
-Its usual form is the target's own first layers or a lower-bit copy of it (``edgespec
-export --with-draft``), loaded as a second engine beside the target with its own KV cache, which
-follows the target's context: cut back to what the two share, the rest fed in one call.
+The model is a :class:`DraftSource`: a second engine (:class:`SecondEngine`, usually the
+target's own first layers or a lower-bit copy of it that ``edgespec export --with-draft``
+writes), or the target itself cut after a layer (:mod:`edgespec.drafting.early_exit`).
 
 Unlike lookup and recycling, every drafted token costs a forward pass, so the drafter prices
 it in the target's own currency, the verify cost of one token (``token_seconds``): it goes a
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -30,18 +31,57 @@ _BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.97)  # the draft's own probability, 
 _RUNNER_UP = 0.8  # below this confidence the draft's second choice is proposed too
 
 
-class DraftModelDrafter:
-    """Chains of the draft model's greedy tokens (and runners-up where it hesitates), each
+class DraftSource(Protocol):
+    """Where a model draft's next-token logits come from."""
+
+    def logits_after(self, context: Sequence[int]) -> np.ndarray:
+        """The logits after ``context`` (its last token is the pending root)."""
+
+    def extend(self, token: int) -> np.ndarray:
+        """The logits after one more drafted token: one forward pass."""
+
+    def close(self) -> None:
+        """Release what the source holds."""
+
+
+class SecondEngine:
+    """A separate draft model on its own engine, whose KV cache follows the target's context:
+    cut back to the prefix the two share (the drafted tokens the target rejected go), the
+    rest fed in one call."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._cached: list[int] = []  # the tokens in the draft's KV cache
+
+    def logits_after(self, context: Sequence[int]) -> np.ndarray:
+        keep = min(common_prefix(self._cached, context), len(context) - 1)
+        self.backend.truncate(keep)
+        del self._cached[keep:]
+        return self._feed(context[keep:])
+
+    def extend(self, token: int) -> np.ndarray:
+        return self._feed([token])
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _feed(self, tokens: Sequence[int]) -> np.ndarray:
+        logits = self.backend.prefill(tokens)
+        self._cached.extend(tokens)
+        return logits
+
+
+class ModelDrafter:
+    """Chains of a draft model's greedy tokens (and runners-up where it hesitates), each
     node scored by how often tokens of that draft confidence were accepted lately."""
 
-    name = "model"
-
-    def __init__(self, backend: Backend, token_seconds: Callable[[], float]) -> None:
-        self.backend = backend
+    def __init__(self, source: DraftSource, token_seconds: Callable[[], float],
+                 name: str = "model") -> None:
+        self.source = source
+        self.name = name
         self._token_seconds = token_seconds
         self.stats = AcceptanceStats(prior=0.5)
         self._shadow = ShadowLog(self.stats, self.name)
-        self._cached: list[int] = []  # the tokens in the draft's KV cache
         self.pass_s = 0.0  # seconds of one draft pass of one token (moving average)
         self.first = 0.5  # moving average of the first drafted node's estimate
         self._idle_s = 0.0  # what the target's steps took while the drafter stood idle
@@ -58,13 +98,13 @@ class DraftModelDrafter:
             hopeless = entry_score + price >= 1.0  # not even a draft always right would pay
             if not hopeless and self._probing_s <= EXPLORE * self._idle_s:
                 start = time.perf_counter()
-                token, q = _top(self._logits_after(context), 1)[0]
+                token, q = _top(self.source.logits_after(context), 1)[0]
                 self._probing_s += time.perf_counter() - start
                 self._shadow.probe(context, token, self._key(q, ""))
                 self.first += 0.1 * (self.stats.rate(self._key(q, ""), q) - self.first)
             return TokenTree.root(context[-1])
         builder = TreeBuilder(context[-1])
-        logits, parent, score = self._logits_after(context), 0, 1.0
+        logits, parent, score = self.source.logits_after(context), 0, 1.0
         while len(builder.tokens) < budget:
             (token, q), (other, q2) = _top(logits, 2)
             if q < _RUNNER_UP and len(builder.tokens) + 1 < budget:
@@ -80,7 +120,7 @@ class DraftModelDrafter:
             parent = builder.add(parent, token, score, key)
             if score * self.first < min_score + price or len(builder.tokens) >= budget:
                 break  # the next pass would cost more than its token is worth
-            logits = self._feed([token])
+            logits = self._pass(token)
         tree = builder.build()
         self._shadow.propose(context, tree)
         return tree
@@ -89,27 +129,18 @@ class DraftModelDrafter:
         """Nothing to learn here: proposals are judged against the real text (ShadowLog)."""
 
     def close(self) -> None:
-        self.backend.close()
+        self.source.close()
 
     def _key(self, q: float, kind: str) -> str:
         bucket = max(i for i, b in enumerate(_BUCKETS) if q >= b)
         return f"{self.name}/{kind}q{bucket}"
 
-    def _logits_after(self, context: Sequence[int]) -> np.ndarray:
-        """The draft's logits after ``context``: its cache cut back to the prefix the two
-        share (the drafted tokens the target rejected go), the rest fed in one call."""
-        keep = min(common_prefix(self._cached, context), len(context) - 1)
-        self.backend.truncate(keep)
-        del self._cached[keep:]
-        return self._feed(context[keep:])
-
-    def _feed(self, tokens: Sequence[int]) -> np.ndarray:
+    def _pass(self, token: int) -> np.ndarray:
+        """One forward pass of the draft, timed: what the next one will cost."""
         start = time.perf_counter()
-        logits = self.backend.prefill(tokens)
-        if len(tokens) == 1:
-            seconds = time.perf_counter() - start
-            self.pass_s += 0.2 * (seconds - self.pass_s) if self.pass_s else seconds
-        self._cached.extend(tokens)
+        logits = self.source.extend(token)
+        seconds = time.perf_counter() - start
+        self.pass_s += 0.2 * (seconds - self.pass_s) if self.pass_s else seconds
         return logits
 
 
