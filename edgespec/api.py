@@ -346,7 +346,7 @@ def load(
     23% smaller, still exact for speculation; default: the backend's first ``kv_types``).
     Unlike the planned knobs it changes the text, so a budget never picks it.
     ``draft_model``: a smaller model with the target's vocabulary (``edgespec export
-    --draft``), loaded beside it on the same backend for ``draft="model"`` or ``"fused"``.
+    --with-draft``), loaded beside it on the same backend for ``draft="model"`` or ``"fused"``.
     """
     if ctx < 16:
         raise UserError(f"the context size must be at least 16 tokens (got {ctx})")

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from edgespec.drafting.base import AcceptanceStats, ShadowLog, common_prefix
+from edgespec.drafting.token_recycling import top_k
 from edgespec.tree import TokenTree, TreeBuilder
 from runtimes.base import Backend
 
@@ -146,8 +147,7 @@ class ModelDrafter:
 
 def _top(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The ``k`` likeliest tokens and their probabilities, likeliest first."""
-    best = np.argpartition(logits, -k)[-k:]
-    best = best[np.argsort(-logits[best])]
+    best = top_k(logits, k)[0]
     shifted = np.exp(logits - logits[best[0]])
     total = float(shifted.sum())
     return [(int(t), float(shifted[t]) / total) for t in best]
