@@ -36,11 +36,15 @@ test: install-test
 	$(BIN)/ruff check edgespec runtimes exporters apps tests
 	$(BIN)/python -m pytest -q
 
-# GGUF fuzzing (tests/gguf_fuzz.py): mutants of real files through the validator, the ones
-# it accepts through llama.cpp in a worker process; prints the cases run and any crash found
+# GGUF fuzzing: mutants of real files through the validator, the ones it accepts through
+# llama.cpp in a worker process; prints the cases run and any crash found. First structure-
+# aware mutants (tests/gguf_fuzz.py), then libFuzzer's coverage-guided ones (tests/gguf_atheris.py)
+# where atheris installs.
 FUZZ_CASES ?= 10000
 fuzz: install-test
 	$(BIN)/python -m tests.gguf_fuzz -n $(FUZZ_CASES)
+	if $(BIN)/python -c "import atheris" 2>/dev/null; then $(BIN)/python -m tests.gguf_atheris -n $(FUZZ_CASES); \
+	else echo "atheris does not install here: coverage-guided fuzzing skipped"; fi
 
 # The standard comparison: edgespec vs every peer on SmolLM2-135M and Gemma-3-270M, then
 # docs/benchmarks.md from the raw results. Run it on an otherwise idle machine: llama.cpp's
@@ -147,6 +151,7 @@ install: wheel
 
 install-test: install system-deps
 	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx,openvino,bench]" --find-links $(WHEELS)
+	$(BIN)/python -m pip install -q "atheris>=2.3" || echo "atheris does not install here: its fuzz test is skipped"
 
 # Debian packages the tests use (objdump: tests/test_build.py; Xvfb, xdotool and ImageMagick's
 # import: tests/test_desktop.py), installed when missing so no test is skipped for want of a

@@ -201,28 +201,52 @@ class Campaign:
     def case(self, layout: Layout, full_size: int, choose: Choose, worker: NativeWorker,
              scratch: Path) -> str:
         data, what = mutate(layout, choose)
+        sparse = full_size - len(layout.data) if len(data) >= len(layout.data) else 0
+        return self.judge(data, what, worker, scratch, sparse=sparse)
+
+    def judge(self, data: bytes, what: str, worker: NativeWorker, scratch: Path, *,
+              sparse: int = 0) -> str:
+        """``data`` (then ``sparse`` zero bytes: a large model's weights) through the
+        validator, and through llama.cpp if the validator accepts it."""
         self.counts["cases"] += 1
         path = scratch / "case.gguf"
         with path.open("wb") as f:
             f.write(data)
-            if full_size > len(layout.data) and len(data) >= len(layout.data):
-                f.truncate(full_size - len(layout.data) + len(data))  # sparse weights
+            if sparse > 0:
+                f.truncate(len(data) + sparse)
         try:
             check_gguf(path, path.read_bytes() if path.stat().st_size < 2**26 else _mapped(path))
         except UserError as e:
-            message = str(e)
-            assert "\n" not in message, message
-            self.counts["refused"] += 1
-            return "refused"
+            if "\n" not in str(e):
+                self.counts["refused"] += 1
+                return "refused"
+            return self._found(path, f"validator: a message of several lines ({what})")
+        except Exception as e:  # noqa: BLE001 - anything else the validator raises is a bug
+            return self._found(path, f"validator: {type(e).__name__}: {e} ({what})")
         self.counts["accepted"] += 1
         verdict = worker.run(path)
         self.counts[verdict.split(":")[0]] += 1
         if verdict.startswith(("crash", "hang")):
-            kept = self.findings / f"finding-{self.counts['cases']}.gguf"
-            self.findings.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, kept)
-            self.found.append(f"{verdict} ({what}) -> {kept}")
+            return self._found(path, f"{verdict} ({what})")
         return verdict
+
+    def report(self, seconds: float) -> int:
+        """Print the counts and findings; the exit status: 1 if anything was found."""
+        print(f"{self.counts['cases']} cases in {seconds:.0f} s: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()) if k != "cases"),
+              flush=True)
+        for line in self.found:
+            print("finding:", line, flush=True)
+        return 1 if self.found else 0
+
+    def _found(self, path: Path, what: str) -> str:
+        """Keep the file that did it under ``findings``."""
+        self.counts["findings"] += 1
+        kept = self.findings / f"finding-{self.counts['cases']}.gguf"
+        self.findings.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, kept)
+        self.found.append(f"{what} -> {kept}")
+        return what
 
 
 def _mapped(path: Path):
@@ -262,11 +286,7 @@ def main() -> None:
             layout, size = targets[0] if i % 4 else targets[1]  # the 49k-token header is slower
             campaign.case(layout, size, choose, worker, scratch)
     worker.close()
-    print(f"{campaign.counts['cases']} cases in {time.perf_counter() - start:.0f} s: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(campaign.counts.items()) if k != "cases"))
-    for line in campaign.found:
-        print("finding:", line)
-    sys.exit(1 if campaign.found else 0)
+    sys.exit(campaign.report(time.perf_counter() - start))
 
 
 if __name__ == "__main__":

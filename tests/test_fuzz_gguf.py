@@ -4,12 +4,16 @@ Structure-aware mutations (lengths and counts set huge, bytes flipped, truncatio
 section boundaries, duplicated keys, wrong value and tensor types) of a small Llama and of
 the packaged SmolLM2's header go through the validator in-process; the ones it accepts
 are loaded, tokenized and decoded by llama.cpp in a worker process (tests/gguf_fuzz.py).
-A bounded number runs here; `make fuzz` runs 10,000.
+A bounded number runs here, and 300 of libFuzzer's coverage-guided mutants
+(tests/gguf_atheris.py); `make fuzz` runs 10,000 of each.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +52,8 @@ def fuzzing(tmp_path_factory: pytest.TempPathFactory):
     worker.close()
 
 
-@settings(max_examples=150, deadline=None, database=None,
+# derandomized: the same 150 mutants every run, so CI is reproducible; `make fuzz` explores
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_mutant_is_refused_in_one_line_or_survives_llama_cpp(fuzzing, data) -> None:
@@ -56,6 +61,18 @@ def test_a_mutant_is_refused_in_one_line_or_survives_llama_cpp(fuzzing, data) ->
     layout, size = data.draw(st.sampled_from(targets))
     verdict = campaign.case(layout, size, HypothesisChoose(data), worker, scratch)
     assert verdict in ("refused", "ok", "error"), campaign.found[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
+def test_coverage_guided_mutants_are_refused_in_one_line_or_survive_llama_cpp(tmp_path) -> None:
+    """300 of libFuzzer's byte mutations of the small Llama, kept where they reach new lines
+    of the validator (tests/gguf_atheris.py): nothing crashes, and some reach llama.cpp."""
+    run = subprocess.run([sys.executable, "-m", "tests.gguf_atheris", "-n", "300",
+                          "--findings", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    counts = dict(re.findall(r"(\w+) (\d+)", run.stdout.splitlines()[-1].split(":", 1)[1]))
+    assert int(counts["refused"]) > 0 and int(counts.get("ok", 0)) > 0, run.stdout
 
 
 @pytest.fixture(scope="module")
