@@ -6,8 +6,8 @@ tokens cost 3–4× one, while a stateful OpenVINO model verifies eight for 1.6�
 probe runs real verify calls on a short synthetic context and leaves the cache empty.
 
 Lossless speculation also needs a batch of n tokens to give the same logits as n single
-steps. Engines switch kernels at model- and CPU-specific batch sizes (llama.cpp with
-Gemma-3's Q4_K_M: exact up to 7 tokens, not at 8), so that is measured too.
+steps. Engines switch kernels at model- and CPU-specific batch sizes (unpatched llama.cpp:
+K-quants from 8 tokens on, int8 matmul on Arm i8mm from 2), so that is measured too.
 """
 
 from __future__ import annotations
