@@ -1,7 +1,8 @@
 """llama.cpp's batched dot kernels are bit-identical to one column at a time, on every CPU family.
 
 tests/kernels/batched_dot.c multiplies each weight type the models use by 1..16 (and up to 63)
-columns in one call and compares every value with the column alone. Lossless speculative
+columns in one call and compares every value with the column alone, with rows of an even and
+(for 32-blocks) an odd number of blocks. Lossless speculative
 decoding rests on this: a draft tree verified in one batch must give plain decoding's logits.
 It runs against the installed wheel (this CPU, e.g. AVX-512), and against the kernels `make
 kernels` builds from the same patched source for the CPUs users have and this machine is not:
@@ -21,7 +22,9 @@ import pytest
 
 HARNESS = Path(__file__).with_name("kernels") / "batched_dot.c"
 KERNELS = Path(sys.prefix) / "kernels"
-TYPES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_K", "q5_K", "q6_K", "f16")
+TYPES = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_K", "q5_K", "q6_K", "f16",
+         # rows of an odd number of 32-blocks (kernels' tails), and f16 leftovers
+         "q4_0/odd", "q4_1/odd", "q5_0/odd", "q8_0/odd", "f16/odd")
 COUNTS = (*range(1, 17), 24, 32, 48, 63)
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max"]
 

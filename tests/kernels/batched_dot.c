@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { ROWS = 64, K = 512, MAX_COLS = 63, THREADS = 2 };
+enum { ROWS = 64, MAX_K = 544, MAX_COLS = 63, THREADS = 2 };
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 
@@ -27,7 +27,7 @@ static float uniform(void) { // xorshift64*, in [-1, 1)
 }
 
 // W (type t, ROWS x K) times the first n columns of x (K x n, f32) into out (ROWS x n)
-static void mul_mat(enum ggml_type t, const void * w, const float * x, int n, float * out) {
+static void mul_mat(enum ggml_type t, int K, const void * w, const float * x, int n, float * out) {
     struct ggml_init_params params = { 64u << 20, NULL, false };
     struct ggml_context * ctx = ggml_init(params);
     struct ggml_tensor * a = ggml_new_tensor_2d(ctx, t, K, ROWS);
@@ -52,13 +52,18 @@ int main(int argc, char ** argv) {
                                      GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K, GGML_TYPE_F16 };
     const int counts[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, 32, 48, MAX_COLS };
     const char * only = argc > 1 ? argv[1] : NULL;
-    static float wf[ROWS * K], x[K * MAX_COLS], col[K], batch[ROWS * MAX_COLS], one[ROWS];
-    static uint8_t w[ROWS * K * 4];
+    static float wf[ROWS * MAX_K], x[MAX_K * MAX_COLS], col[MAX_K], batch[ROWS * MAX_COLS], one[ROWS];
+    static uint8_t w[ROWS * MAX_K * 4];
     int failed = 0;
     ggml_cpu_init();
-    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); ++i) {
-        const enum ggml_type t = types[i];
-        if (only && strcmp(only, ggml_type_name(t)) != 0) {
+    // 512: 16 blocks of 32 (2 of 256); 544: an odd number of blocks of 32, and f16 leftovers
+    // after the SIMD steps (the "/odd" lines)
+    for (size_t i = 0; i < 2 * sizeof(types) / sizeof(types[0]); ++i) {
+        const enum ggml_type t = types[i / 2];
+        const int K = i % 2 ? 544 : 512;
+        char name[32];
+        snprintf(name, sizeof(name), "%s%s", ggml_type_name(t), K == 512 ? "" : "/odd");
+        if ((only && strcmp(only, ggml_type_name(t)) != 0) || K % ggml_blck_size(t) != 0) {
             continue;
         }
         for (int j = 0; j < ROWS * K; ++j) wf[j] = uniform();
@@ -70,22 +75,22 @@ int main(int argc, char ** argv) {
         }
         for (size_t k = 0; k < sizeof(counts) / sizeof(counts[0]); ++k) {
             const int n = counts[k];
-            mul_mat(t, w, x, n, batch);
+            mul_mat(t, K, w, x, n, batch);
             int bad = -1;
             for (int c = 0; c < n && bad < 0; ++c) {
-                memcpy(col, x + c * K, sizeof(col));
-                mul_mat(t, w, col, 1, one);
+                memcpy(col, x + c * K, K * sizeof(float));
+                mul_mat(t, K, w, col, 1, one);
                 for (int r = 0; r < ROWS; ++r) {
                     if (memcmp(&one[r], &batch[c * ROWS + r], sizeof(float)) != 0) {
                         printf("%s %d DIFFERS column %d row %d: %.9g batched, %.9g alone\n",
-                               ggml_type_name(t), n, c, r, batch[c * ROWS + r], one[r]);
+                               name, n, c, r, batch[c * ROWS + r], one[r]);
                         bad = c;
                         break;
                     }
                 }
             }
             if (bad < 0) {
-                printf("%s %d exact\n", ggml_type_name(t), n);
+                printf("%s %d exact\n", name, n);
             }
             failed |= bad >= 0;
         }
