@@ -9,6 +9,7 @@ export that cannot fit fail in a second instead of after minutes of work.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 from edgespec.errors import UserError
 
 _FILE_MODE, _DIR_MODE = 0o644, 0o755  # mkstemp/mkdtemp's owner-only modes would stick
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk, a quota or a file-size limit
 
 
 @contextmanager
@@ -52,11 +54,36 @@ def atomic_output(out: Path, *, force: bool, directory: bool = False) -> Iterato
     """
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with scratch_path(out, directory=directory) as tmp:
-        yield tmp
-        tmp.chmod(_DIR_MODE if directory else _FILE_MODE)
-        _move_into_place(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with scratch_path(out, directory=directory) as tmp:
+            yield tmp
+            tmp.chmod(_DIR_MODE if directory else _FILE_MODE)
+            _move_into_place(tmp, out)
+    except OSError as e:
+        if e.errno in _FULL:
+            raise write_failed(out, e.strerror) from None
+        if _about(e, out):
+            raise UserError(f"cannot write {out}: {e.strerror} ({e.filename}); choose another "
+                            "output path") from None
+        raise
+
+
+def write_failed(where: Path, reason: str) -> UserError:
+    """The error for an output (or into a directory) whose writing failed: a full disk, a
+    quota or a file-size limit (native writers, llama.cpp's and OpenVINO's, report only that
+    their stream failed)."""
+    return UserError(f"writing {where} failed: {reason}; nothing was written; free some space "
+                     "or write the output elsewhere")
+
+
+def _about(e: OSError, out: Path) -> bool:
+    """Whether ``e`` is about the output's place (its directory, an ancestor, its temporary)
+    rather than, say, the source being read."""
+    if e.filename is None:
+        return False
+    where = Path(e.filename)
+    return where == out or where in out.parents or where.parent == out.parent
 
 
 def check_disk_space(directory: Path, need_bytes: int, what: str) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from edgespec.errors import UserError
 from exporters import Progress, no_progress
-from exporters.atomic import atomic_output, check_disk_space, scratch_path
+from exporters.atomic import atomic_output, check_disk_space, scratch_path, write_failed
 from runtimes.ggufinfo import GGUFInfo, read_gguf
 from runtimes.safetensors_io import read_safetensors_header, to_bf16_bits
 from runtimes.weights import (
@@ -178,7 +178,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, report: Progress = no_progre
     params.allow_requantize = True
     report("quantize", 0, 1)
     if llm.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)):
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {quant}: {log.last_error()}")
+        raise write_failed(dst.parent, f"llama.cpp's {quant} writer: {log.last_error()}")
     report("quantize", 1, 1)
 
 

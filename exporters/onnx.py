@@ -19,13 +19,12 @@ export leaves nothing that looks like a model.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import gguf
 
 from edgespec.errors import UserError
+from exporters.atomic import atomic_output
 from runtimes.base import TokenizerInfo
 from runtimes.formats import MANIFEST, ONNX
 from runtimes.reference_tokenizer import ByteLevelTokenizer, gguf_tokenizer, hf_tokenizer
@@ -121,20 +120,7 @@ def export_onnx(
         raise UserError(f"unknown ONNX quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise UserError(f"block size must be a power of two >= 16, got {block_size}")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
     exits = [early_exit] if isinstance(early_exit, int) else sorted(set(early_exit or []))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would follow the export into place
-    try:
+    with atomic_output(out, force=force, directory=True) as tmp:
         _write(tmp, src, quant, exits, block_size)
-        old = tmp.with_name(tmp.name + ".old")
-        if out.exists():
-            out.rename(old)  # moved aside, not deleted, until the new export is in place
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        old.unlink(missing_ok=True)  # when what was replaced was a file
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgespec.errors import UserError
-from exporters.atomic import atomic_output
+from exporters.atomic import atomic_output, write_failed
 from exporters.onnx import MIN_ROPE_POSITIONS, _load_source, _manifest, _write_tokenizer
 from runtimes.base import TokenizerInfo
 from runtimes.formats import MANIFEST, ONNX, OPENVINO
@@ -95,7 +95,10 @@ def _write(tmp: Path, src: Path, quant: str, exits: list[int], group_size: int,
         progress(f"building {name} ({quant})")
         model = _compress(build_decoder(weights, rope, n_layers=n_layers, weight_dtype=dtype),
                           quant, group_size)
-        ov.save_model(model, tmp / name, compress_to_fp16=False)
+        try:
+            ov.save_model(model, tmp / name, compress_to_fp16=False)
+        except RuntimeError as e:
+            raise write_failed(tmp.parent, f"OpenVINO's writer: {e}") from None
     meta = _manifest(weights, quant, [], len(rope[0]), src) | _write_tokenizer(tmp, encoder, info)
     meta |= {"format": OPENVINO.name, "version": OPENVINO.version,
              "early_exit": {str(e): f"exit{e}.xml" for e in exits},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +205,36 @@ def test_check_says_ok_or_why(small: Path, tmp_path: Path) -> None:
     cut.write_bytes(small.read_bytes()[:300])
     assert_user_error(edgespec("check", str(cut)), "corrupt or truncated")
     assert_user_error(edgespec("check", str(tmp_path / "none.gguf")), "not found")
+
+
+def test_an_output_path_that_cannot_be_written(small: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("keep")
+    r = edgespec("export", str(small), "--to", "gguf", "-o", str(tmp_path / "afile" / "m.gguf"))
+    assert_user_error(r, "cannot write", "choose another output path")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def _file_size_limit(size: int):
+    """For a child process: files may not grow past ``size`` bytes, so a write beyond fails
+    with EFBIG (SIGXFSZ ignored) as one on a full disk fails with ENOSPC."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+@pytest.mark.parametrize(("to", "name"), [("gguf", "m.gguf"), ("onnx", "m"), ("openvino", "m")])
+def test_an_export_whose_writes_fail_midway_leaves_nothing(small: Path, tmp_path: Path, to: str,
+                                                           name: str) -> None:
+    """The writes of each exporter's writer (llama.cpp's quantizer, Python's, OpenVINO's)
+    fail once the output passes 8 kB: one line, exit 2, no file or temporary left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-m", "edgespec", "export", str(small), "--to", to,
+                        "-o", str(out / name)], capture_output=True, text=True, timeout=300,
+                       preexec_fn=_file_size_limit(8000))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: writing ") and "nothing was written" in last, r.stderr
+    assert list(out.iterdir()) == []
