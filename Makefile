@@ -128,7 +128,6 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# built in a scratch directory and moved into the cache only when whole
 # the patched llama-cpp-python source in $$src/llama_cpp_python-$(LLAMA_CPP), a temporary
 # directory removed when the recipe's shell exits
 FETCH_LLAMA = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
@@ -136,6 +135,7 @@ FETCH_LLAMA = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 	tar xzf $$src/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $$src && \
 	git -C $$src/llama_cpp_python-$(LLAMA_CPP) apply -p1 $(CURDIR)/$(LLAMA_PATCH)
 
+# built in a scratch directory and moved into the cache only when whole
 wheel: $(BIN)/python
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_BUILD)-*.whl >/dev/null 2>&1; then \
 		echo "building llama-cpp-python $(LLAMA_BUILD) once (~6 min on 2 cores), cached in $(WHEELS)"; \

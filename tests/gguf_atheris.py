@@ -9,8 +9,8 @@ validator accepts goes to llama.cpp in the same worker process, a crash or hang 
 
 from __future__ import annotations
 
-import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,16 +21,12 @@ import atheris
 with atheris.instrument_imports(include=["runtimes.ggufinfo"]):
     import runtimes.ggufinfo  # noqa: F401 - the validator Campaign calls, instrumented
 
-from tests.gguf_fuzz import Campaign, NativeWorker  # noqa: E402
+from tests.gguf_fuzz import Campaign, NativeWorker, campaign_arguments  # noqa: E402
 from tests.test_sampling import write_small_vocab_llama  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--cases", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
-    args = parser.parse_args()
+    args = campaign_arguments(__doc__, seed=1)
     scratch = Path(tempfile.mkdtemp(prefix="gguf-atheris-"))
     corpus = scratch / "corpus"
     corpus.mkdir()
@@ -43,6 +39,7 @@ def main() -> None:
         if campaign.counts["cases"] >= args.cases:  # libFuzzer's own exit skips our report
             worker.close()
             status = campaign.report(time.perf_counter() - start)
+            shutil.rmtree(scratch, ignore_errors=True)  # os._exit runs no cleanup
             os._exit(status)
 
     atheris.Setup([sys.argv[0], f"-seed={args.seed}", f"-max_len={2 * seed.stat().st_size}",

@@ -270,12 +270,17 @@ def bases(scratch: Path) -> list[tuple[Layout, int]]:
     return [(Layout.of(small), small.stat().st_size), (header, smol.stat().st_size)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def campaign_arguments(doc: str, seed: int) -> argparse.Namespace:
+    """A fuzzing command's options: cases to run, the seed, where findings are kept."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("-n", "--cases", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = campaign_arguments(__doc__, seed=0)
     choose, worker = RandomChoose(args.seed), NativeWorker()
     campaign = Campaign(args.findings)
     start = time.perf_counter()

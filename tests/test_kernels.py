@@ -2,8 +2,8 @@
 
 tests/kernels/batched_dot.c multiplies each weight type the models use by 1..16 (and up to 63)
 columns in one call and compares every value with the column alone, with rows of an even and
-(for 32-blocks) an odd number of blocks. Lossless speculative
-decoding rests on this: a draft tree verified in one batch must give plain decoding's logits.
+(for 32-blocks) an odd number of blocks. Lossless speculative decoding rests on this: a draft
+tree verified in one batch must give plain decoding's logits.
 It runs against the installed wheel (this CPU, e.g. AVX-512), and against the kernels `make
 kernels` builds from the same patched source for the CPUs users have and this machine is not:
 x86 with AVX2 only, and aarch64 with NEON, +dotprod and +i8mm, run under qemu-user (exactness
