@@ -53,11 +53,12 @@ def start(port: int, queue: int) -> subprocess.Popen:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        try:
+        try:  # 503 while the server warms up
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     server.kill()
     raise SystemExit("the server did not come up within 120 s")
 

@@ -166,6 +166,7 @@ class Worker:
         self._lock = threading.Lock()
         self._pending = 0  # admitted and not finished: the running job plus those waiting
         self._current: Job | None = None
+        self.ready = threading.Event()  # set once the warm-up (cost-curve probe included) is done
         self._thread = threading.Thread(target=self._run, name="edgespec-worker", daemon=True)
 
     def start(self) -> None:
@@ -193,7 +194,11 @@ class Worker:
         # Every engine call stays on this one thread, the cost-curve probe included: OpenMP
         # gives each calling thread its own team, and with more threads than cores libgomp
         # stops spinning at barriers (decoding ran at a third of in-process speed).
-        self.engine.generate(" ", max_tokens=0)
+        try:
+            self.engine.generate(" ", max_tokens=0)
+        except Exception:  # each request will then fail on its own, with a 500; none hangs
+            log.exception("the warm-up generation failed")
+        self.ready.set()
         while (job := self._jobs.get()) is not None:
             self._current = job
             outcome = self._generate(job)
@@ -292,7 +297,13 @@ def create_app(engine: Engine, *, model_id: str, queue_size: int = 8,
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}  # the model has loaded before the app starts
+        # the model has loaded before the app starts; the worker still warms up (and probes
+        # this device's verify cost) before its first job: requests queue meanwhile, and a
+        # load balancer or script waiting for 200 sees 503 as from llama.cpp's server
+        if not worker.ready.is_set():
+            raise APIError(503, "the model is loading; retry shortly", type="server_error",
+                           code="loading", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return {"status": "ok"}
 
     @v1.get("/models")
     async def models() -> dict:

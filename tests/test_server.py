@@ -20,9 +20,11 @@ for _module in ("fastapi", "uvicorn", "openai", "httpx"):
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
 
 import edgespec  # noqa: E402
 from edgespec.models import default_model_path  # noqa: E402
+from edgespec.server import create_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +55,12 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.logged()}")
-            try:
+            try:  # 503 while the worker warms up and probes this device's verify cost
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         pytest.fail(f"the server was not ready after {timeout} s:\n{self.logged()}")
 
     def logged(self) -> str:
@@ -120,6 +123,25 @@ def test_health_and_the_model_list(server: Server, client: openai.OpenAI) -> Non
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     assert [m.id for m in client.models.list()] == [MODEL_ID]
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+
+
+def test_health_is_503_until_the_worker_has_warmed_up(smollm_path: Path) -> None:
+    """A script that waits for 200 must not send its first request into the warm-up: under
+    load that probe once made a request wait more than a minute."""
+    with edgespec.load(smollm_path, ctx=256) as engine:
+        engine._lock.acquire()  # before the worker starts: its warm-up generation waits for it
+        with TestClient(create_app(engine, model_id=MODEL_ID)) as client:
+            try:
+                r = client.get("/health")
+            finally:
+                engine._lock.release()
+            assert assert_openai_error(r, 503)["code"] == "loading"
+            assert r.headers["Retry-After"].isdigit()
+            deadline = time.monotonic() + 120
+            while (r := client.get("/health")).status_code == 503:
+                assert time.monotonic() < deadline, "still loading after 120 s"
+                time.sleep(0.05)
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
 def test_completion_streams_the_text_it_returns(client: openai.OpenAI) -> None:
