@@ -76,7 +76,7 @@ class Engine:
             raise UserError(f"--tree-size must be at least 1 (got {tree_size})")
         self.backend = backend
         self.draft = draft
-        self.tree_size = min(tree_size, getattr(backend, "max_tree_nodes", tree_size))
+        self.tree_size = min(tree_size, backend.max_tree_nodes)
         self.adaptive = adaptive
         self._drafters: dict[str, Drafter | None] = {}
         self._recycling_k = recycling_k

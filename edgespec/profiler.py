@@ -105,7 +105,7 @@ def profile(backend: Backend, *, sizes: tuple[int, ...] = PROBE_SIZES, context: 
 
 
 def _fitting(backend: Backend, sizes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(n for n in sizes if n <= getattr(backend, "max_tree_nodes", n))
+    return tuple(n for n in sizes if n <= backend.max_tree_nodes)
 
 
 def _costs(backend: Backend, ids: list[int], base: int, sizes: tuple[int, ...],

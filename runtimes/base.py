@@ -171,6 +171,8 @@ class Backend(Protocol):
     """The KV cache precisions (the constructor's ``kv_type``) that keep verification
     bit-exact, the default first: what a memory plan may choose. An engine may take more."""
     kv_type: str
+    max_tree_nodes: int
+    """The most nodes one :meth:`verify` takes (the constructor's ``max_tree_nodes``)."""
     prefill_chunk: int
     """The most tokens one :meth:`prefill` evaluates as a batch. The decode loop prefills a
     prompt in chunks starting at multiples of it, so a reused prefix was evaluated in the

@@ -84,6 +84,7 @@ class ReferenceBackend:
     kv_types: ClassVar[tuple[str, ...]] = ("f32",)
     kv_type = "f32"
     prefill_chunk = 256  # numpy is batch-invariant here: the size only bounds a call's memory
+    max_tree_nodes = 64
 
     def __init__(
         self,
@@ -95,6 +96,8 @@ class ReferenceBackend:
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         kv_type: str = "f32",
         device: str | None = None,
+        max_tree_nodes: int = 64,
+        prefill_chunk: int = 256,
     ) -> None:
         """Load a GGUF file or HF folder, refusing it if its float32 weights exceed the budget.
 
@@ -109,6 +112,7 @@ class ReferenceBackend:
         weights, encoder, info = _load(path, budget_bytes)
         self._setup(weights, encoder, info, n_ctx, batch_invariant)
         self.threads = threads
+        self.max_tree_nodes, self.prefill_chunk = max_tree_nodes, prefill_chunk
 
     @classmethod
     def from_weights(
@@ -171,6 +175,8 @@ class ReferenceBackend:
 
     def verify(self, tree: TokenTree) -> np.ndarray:
         """Logits ``[n_nodes, vocab]``; node ``i`` sees the cache and its ancestors only."""
+        if len(tree) > self.max_tree_nodes:
+            raise ValueError(f"tree of {len(tree)} nodes exceeds {self.max_tree_nodes} nodes")
         self._check_room(tree.max_depth + 1)
         logits, self._pending = self._evaluate(tree, self.cfg.n_layer, rows=range(len(tree)))
         return logits

@@ -99,3 +99,14 @@ def test_a_draft_model_that_cannot_serve_is_refused_in_one_line(
     r = _run(str(smollm_path), "hi", *[files.get(a, a) for a in args])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_draft_model_runs_on_the_reference_backend(tiny_gguf: Path, tmp_path: Path) -> None:
+    """The draft opens on the target's backend with the target's tree and chunk sizes."""
+    draft = export_draft(tiny_gguf, tmp_path / "exit1.gguf", kind="early-exit", exit_layer=1)
+    with edgespec.load(tiny_gguf, backend="reference", draft_model=draft, adaptive=False,
+                       ctx=256) as engine:
+        plain = engine.generate("Once upon a time", max_tokens=24, draft="none")
+        drafted = engine.generate("Once upon a time", max_tokens=24, draft="model")
+    assert drafted.token_ids == plain.token_ids
+    assert drafted.stats.draft_nodes > 0
