@@ -178,7 +178,14 @@ def quantize_gguf(src: Path, dst: Path, quant: str, report: Progress = no_progre
     params.allow_requantize = True
     report("quantize", 0, 1)
     if llm.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)):
-        raise write_failed(dst.parent, f"llama.cpp's {quant} writer: {log.last_error()}")
+        # its text is all llama.cpp says; its output is a C++ stream that throws "iostream
+        # error" when a write fails (the input is read through mmap or its own file reader)
+        said = [line.split("failed to quantize: ", 1)[1].strip() for line in log.lines
+                if "failed to quantize: " in line]
+        error = said[-1] if said else log.last_error()
+        if "iostream" in error or str(dst) in error:
+            raise write_failed(dst.parent, f"llama.cpp's {quant} writer: {error}")
+        raise UserError(f"llama.cpp cannot quantize {src.name} to {quant}: {error}")
     report("quantize", 1, 1)
 
 

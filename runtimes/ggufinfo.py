@@ -173,8 +173,8 @@ def _parse(path: Path, buf: bytes | mmap.mmap) -> GGUFInfo:
     if version not in (2, 3):
         raise UserError(f"{path} has GGUF version {version}; only versions 2 and 3 are supported")
     n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
-    cur.need(n_kv * 12, f"{n_kv:,} metadata entries")  # key length + value type
-    cur.need(n_tensors * 32, f"{n_tensors:,} tensor descriptions")  # the smallest one
+    cur.need(n_kv * 12, f"the table of {n_kv:,} metadata entries")  # key length + value type
+    cur.need(n_tensors * 32, f"the table of {n_tensors:,} tensor descriptions")  # the smallest one
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string("a metadata key")

@@ -238,3 +238,16 @@ def test_an_export_whose_writes_fail_midway_leaves_nothing(small: Path, tmp_path
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: writing ") and "nothing was written" in last, r.stderr
     assert list(out.iterdir()) == []
+
+
+def test_a_quantizer_failure_that_is_no_write_failure_says_so(small: Path, tmp_path: Path) -> None:
+    """llama.cpp's quantizer refusing its input is not a full disk: no advice to free space."""
+    import gguf
+
+    from exporters.gguf import quantize_gguf
+    from tests.test_reference_loading import requantize
+
+    bad = requantize(small, tmp_path / "florp.gguf", gguf.GGMLQuantizationType.F32, arch="florp")
+    with pytest.raises(UserError, match="cannot quantize florp.gguf to q8_0: .*florp") as e:
+        quantize_gguf(bad, tmp_path / "out.gguf", "q8_0")
+    assert "free some space" not in str(e.value)
