@@ -20,7 +20,7 @@ from edgespec.drafting.base import common_prefix
 from edgespec.errors import Cancelled, UserError
 from edgespec.threads import ThreadGovernor
 from edgespec.tree import TokenTree
-from edgespec.verify import Acceptance, PositionDraws, SamplingParams, accept, pick
+from edgespec.verify import Acceptance, PositionDraws, Sampling, SamplingParams, accept, pick
 from runtimes.base import Backend, peak_rss_bytes
 
 
@@ -168,7 +168,8 @@ class DecodeLoop:
                 stats.finish_reason = "context"
                 return
             step_start = time.perf_counter()
-            tree = self._draft(context, drafter, room)
+            tree = self._draft(context, drafter, room,
+                               None if params.greedy else Sampling(params, draws))
             verify_start = time.perf_counter()
             logits = self.backend.verify(tree)
             verify_s = time.perf_counter() - verify_start
@@ -198,13 +199,14 @@ class DecodeLoop:
         if threads != self.backend.threads and not self.backend.set_threads(threads):
             self.threads = None  # this engine keeps the count it loaded with
 
-    def _draft(self, context: list[int], drafter: Drafter | None, room: int) -> TokenTree:
+    def _draft(self, context: list[int], drafter: Drafter | None, room: int,
+               sampling: Sampling | None) -> TokenTree:
         budget = min(self.policy.draft_budget(), room)
         if drafter is None or budget < 2:
             return TokenTree.root(context[-1])
         policy = self.policy
         return policy.select(
-            drafter.draft(context, budget, policy.min_score(), policy.entry_score()))
+            drafter.draft(context, budget, policy.min_score(), policy.entry_score(), sampling))
 
 
 def _exact_part(tree: TokenTree, accepted: Acceptance) -> tuple[list[int], int]:

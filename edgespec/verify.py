@@ -4,7 +4,10 @@ Greedy: follow the tree from the root while a child carries the target's argmax.
 Sampling: draw the target's token at each node; if a drafted child carries it, descend.
 For a deterministic drafter (its proposal is one-hot, q(x) = 1) this *is* the
 multi-candidate rejection rule of SpecInfer, so every emitted token is an exact draw
-from the target's (temperature / top-k / top-p processed) distribution. For a drafter
+from the target's (temperature / top-k / top-p processed) distribution. A draft model
+proposes the winner of the same race the target runs at that position (:func:`race`), so
+it is right whenever its distribution is close enough, while each emitted token stays the
+target's own draw: a seed gives the same text with or without speculation. For a drafter
 that samples children from a distribution q, :func:`multi_candidate` applies the general
 rule (recursive rejection sampling without replacement), which is exact too.
 """
@@ -84,12 +87,36 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What a drafter needs to propose the target's own draws when sampling."""
+
+    params: SamplingParams
+    draws: PositionDraws
+
+
 def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from one row of logits: argmax when greedy, else a draw."""
+    """One token from one row of logits: argmax when greedy, else a draw (:func:`race`)."""
     if params.greedy:
         return int(np.argmax(logits))
-    p = probabilities(logits, params)
-    return int(rng.choice(p.size, p=p))
+    return race(probabilities(logits, params), rng)[0]
+
+
+def race(p: np.ndarray, rng: np.random.Generator, k: int = 1) -> list[int]:
+    """The first ``k`` tokens to arrive when token i arrives after an Exp(1) wait over p(i).
+
+    The first is a draw from ``p`` (the exponential race, i.e. the Gumbel-max trick). A
+    draft model that races its own q with the same waits (``rng``: the same position's
+    generator) arrives first with the same token with probability at least
+    (1 − TV(p, q)) / (1 + TV(p, q)), whatever the vocabulary's order: it proposes the
+    target's draw without seeing p.
+    """
+    waits = rng.standard_exponential(p.size)
+    speed = np.divide(p, waits, out=np.zeros_like(p, dtype=np.float64), where=p > 0)
+    if k == 1:
+        return [int(np.argmax(speed))]
+    first = np.argpartition(-speed, k - 1)[:k]
+    return [int(t) for t in first[np.argsort(-speed[first], kind="stable")]]
 
 
 def accept(tree: TokenTree, logits: np.ndarray, params: SamplingParams, draws: Draws

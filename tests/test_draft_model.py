@@ -110,3 +110,16 @@ def test_a_draft_model_runs_on_the_reference_backend(tiny_gguf: Path, tmp_path: 
         drafted = engine.generate("Once upon a time", max_tokens=24, draft="model")
     assert drafted.token_ids == plain.token_ids
     assert drafted.stats.draft_nodes > 0
+
+
+def test_sampling_a_draft_identical_to_the_target_proposes_the_targets_draws(
+        tiny_gguf: Path) -> None:
+    """Sampling, the drafter proposes the winners of the races the target runs at those
+    positions: a draft that is the target itself is then right at every depth, where its
+    argmax would rarely be (a random model's distributions are flat)."""
+    with edgespec.load(tiny_gguf, draft_model=tiny_gguf, adaptive=False, ctx=256) as engine:
+        args = dict(max_tokens=48, temperature=0.8, seed=3)
+        plain = engine.generate("Once upon a time", draft="none", **args)
+        drafted = engine.generate("Once upon a time", draft="model", **args)
+    assert drafted.token_ids == plain.token_ids
+    assert drafted.stats.accepted_per_step > 4, drafted.stats

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from edgespec.tree import TokenTree
+from edgespec.verify import Sampling
 
 
 @runtime_checkable
@@ -25,14 +26,16 @@ class Drafter(Protocol):
 
     def draft(
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
-        entry_score: float = 0.0,
+        entry_score: float = 0.0, sampling: Sampling | None = None,
     ) -> TokenTree:
         """A tree rooted at ``context[-1]`` with at most ``budget`` nodes, scored.
 
         Nodes scoring below ``min_score`` cannot pay for their verification on this device;
         a drafter should not spend time proposing them. A tree whose best node would score
         below ``entry_score`` cannot pay at all: the drafter should return the bare root
-        (after whatever cheap probe keeps its estimates learning).
+        (after whatever cheap probe keeps its estimates learning). ``sampling``: how the
+        target samples, when it does (None: greedy), for a drafter that can propose the
+        target's own draws (a draft model: :func:`edgespec.verify.race`).
         """
 
     def observe(self, tree: TokenTree, logits: np.ndarray, accepted: Sequence[int]) -> None:

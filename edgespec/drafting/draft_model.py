@@ -25,6 +25,7 @@ import numpy as np
 from edgespec.drafting.base import AcceptanceStats, ShadowLog, common_prefix
 from edgespec.drafting.token_recycling import top_k
 from edgespec.tree import TokenTree, TreeBuilder
+from edgespec.verify import Sampling, probabilities, race
 from runtimes.base import Backend
 
 EXPLORE = 0.05  # the share of idle steps' time that probing may take
@@ -73,8 +74,10 @@ class SecondEngine:
 
 
 class ModelDrafter:
-    """Chains of a draft model's greedy tokens (and runners-up where it hesitates), each
-    node scored by how often tokens of that draft confidence were accepted lately."""
+    """Chains of a draft model's tokens (and runners-up where it hesitates), each node
+    scored by how often tokens of that draft confidence were accepted lately. Greedy, its
+    likeliest tokens; sampling, the winners of the races the target runs at those positions
+    (:func:`edgespec.verify.race`), which are the target's draws where the two agree."""
 
     def __init__(self, source: DraftSource, token_seconds: Callable[[], float],
                  name: str = "model") -> None:
@@ -90,29 +93,32 @@ class ModelDrafter:
 
     def draft(
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
-        entry_score: float = 0.0,
+        entry_score: float = 0.0, sampling: Sampling | None = None,
     ) -> TokenTree:
         token_s = self._token_seconds()
+        kind = "" if sampling is None else "s"  # a race's winners are accepted at other rates
         price = self.pass_s / max(token_s, 1e-9)  # one pass, in verified tokens
         if self.first < entry_score + price:
             self._idle_s += token_s
             hopeless = entry_score + price >= 1.0  # not even a draft always right would pay
             if not hopeless and self._probing_s <= EXPLORE * self._idle_s:
                 start = time.perf_counter()
-                token, q = _top(self.source.logits_after(context), 1)[0]
+                token, q = _top(self.source.logits_after(context), 1, sampling, len(context))[0]
                 self._probing_s += time.perf_counter() - start
-                self._shadow.probe(context, token, self._key(q, ""))
-                self.first += 0.1 * (self.stats.rate(self._key(q, ""), q) - self.first)
+                key = self._key(q, kind)
+                self._shadow.probe(context, token, key)
+                self.first += 0.1 * (self.stats.rate(key, q) - self.first)
             return TokenTree.root(context[-1])
         builder = TreeBuilder(context[-1])
         logits, parent, score = self.source.logits_after(context), 0, 1.0
+        position = len(context)  # the text position of parent's children
         while len(builder.tokens) < budget:
-            (token, q), (other, q2) = _top(logits, 2)
-            if q < _RUNNER_UP and len(builder.tokens) + 1 < budget:
-                key = self._key(q2, "r")
+            (token, q), (other, q2) = _top(logits, 2, sampling, position)
+            if q < _RUNNER_UP and q2 > 0.0 and len(builder.tokens) + 1 < budget:
+                key = self._key(q2, kind + "r")
                 if (alt := score * self.stats.rate(key, q2)) >= min_score:
                     builder.add(parent, other, alt, key)
-            key = self._key(q, "")
+            key = self._key(q, kind)
             score *= self.stats.rate(key, q)
             if parent == 0:
                 self.first += 0.1 * (score - self.first)
@@ -121,7 +127,7 @@ class ModelDrafter:
             parent = builder.add(parent, token, score, key)
             if score * self.first < min_score + price or len(builder.tokens) >= budget:
                 break  # the next pass would cost more than its token is worth
-            logits = self._pass(token)
+            logits, position = self._pass(token), position + 1
         tree = builder.build()
         self._shadow.propose(context, tree)
         return tree
@@ -145,10 +151,16 @@ class ModelDrafter:
         return logits
 
 
-def _top(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The ``k`` likeliest tokens and their probabilities, likeliest first."""
-    best = top_k(logits, k)[0]
-    shifted = np.exp(logits - logits[best[0]])
-    total = float(shifted.sum())
-    return [(int(t), float(shifted[t]) / total) for t in best]
+def _top(logits: np.ndarray, k: int, sampling: Sampling | None,
+         position: int) -> list[tuple[int, float]]:
+    """The ``k`` tokens to propose at ``position``, first choice first, with the draft's
+    probability of each: greedy, its likeliest; sampling, the first to arrive in the race the
+    target runs there."""
+    if sampling is None:
+        best = top_k(logits, k)[0]
+        shifted = np.exp(logits - logits[best[0]])
+        total = float(shifted.sum())
+        return [(int(t), float(shifted[t]) / total) for t in best]
+    q = probabilities(logits, sampling.params)
+    return [(t, float(q[t])) for t in race(q, sampling.draws.at(position), k)]
 

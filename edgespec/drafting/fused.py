@@ -12,6 +12,7 @@ import numpy as np
 
 from edgespec.drafting.base import Drafter
 from edgespec.tree import TokenTree, TreeBuilder
+from edgespec.verify import Sampling
 
 
 class FusedDrafter:
@@ -24,10 +25,11 @@ class FusedDrafter:
 
     def draft(
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
-        entry_score: float = 0.0,
+        entry_score: float = 0.0, sampling: Sampling | None = None,
     ) -> TokenTree:
         trees = [tree for drafter in self.drafters
-                 if len(tree := drafter.draft(context, budget, min_score, entry_score)) > 1]
+                 if len(tree := drafter.draft(context, budget, min_score, entry_score,
+                                              sampling)) > 1]
         if len(trees) < 2:  # most steps: nothing, or one drafter's tree, to merge
             return trees[0] if trees else TokenTree.root(context[-1])
         builder = TreeBuilder(context[-1])

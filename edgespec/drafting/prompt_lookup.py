@@ -14,6 +14,7 @@ import numpy as np
 
 from edgespec.drafting.base import AcceptanceStats, ShadowLog
 from edgespec.tree import TokenTree, TreeBuilder
+from edgespec.verify import Sampling
 
 # Prior acceptance of the first drafted token by kind of match and match-length bucket,
 # and of a deeper token given its parent's, by bucket: what SmolLM2-135M's greedy answers
@@ -53,7 +54,7 @@ class PromptLookupDrafter:
 
     def draft(
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
-        entry_score: float = 0.0,
+        entry_score: float = 0.0, sampling: Sampling | None = None,
     ) -> TokenTree:
         self._sync(context)
         branches = self._branches(context, *self._longest_match(context))

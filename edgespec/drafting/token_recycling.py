@@ -18,6 +18,7 @@ import numpy as np
 
 from edgespec.drafting.base import AcceptanceStats, ShadowLog
 from edgespec.tree import TokenTree, TreeBuilder
+from edgespec.verify import Sampling
 
 _RANK_PRIOR = (0.3, 0.08, 0.04, 0.03, 0.02, 0.02, 0.01, 0.01)
 _IDLE_AFTER = 32  # steps without a verified recycled node before the drafter idles
@@ -68,7 +69,7 @@ class TokenRecyclingDrafter:
 
     def draft(
         self, context: Sequence[int], budget: int, min_score: float = 0.0,
-        entry_score: float = 0.0,
+        entry_score: float = 0.0, sampling: Sampling | None = None,
     ) -> TokenTree:
         """Best-first expansion from the pending token.
 
