@@ -160,6 +160,7 @@ class DecodeLoop:
     ) -> Iterator[int]:
         """The emitted tokens: the pending root first, then whatever each step accepts."""
         yield context[-1]
+        sampling = None if params.greedy else Sampling(params, draws)  # what a drafter may use
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
@@ -168,8 +169,7 @@ class DecodeLoop:
                 stats.finish_reason = "context"
                 return
             step_start = time.perf_counter()
-            tree = self._draft(context, drafter, room,
-                               None if params.greedy else Sampling(params, draws))
+            tree = self._draft(context, drafter, room, sampling)
             verify_start = time.perf_counter()
             logits = self.backend.verify(tree)
             verify_s = time.perf_counter() - verify_start
